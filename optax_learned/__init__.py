@@ -1,0 +1,53 @@
+"""optax_learned: learned optimizers for JAX that drop into any Optax or Flax training loop.
+
+Example::
+
+  import optax, optax_learned
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
+
+References:
+  Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
+  optimizers", ICML. arXiv:1810.10180.
+"""
+
+from optax_learned._src.checkpoint import FORMAT_VERSION
+from optax_learned._src.checkpoint import available
+from optax_learned._src.checkpoint import load
+from optax_learned._src.checkpoint import load_metadata
+from optax_learned._src.checkpoint import load_weights
+from optax_learned._src.checkpoint import save
+from optax_learned._src.errors import CheckpointArraysError
+from optax_learned._src.errors import CheckpointConfigError
+from optax_learned._src.errors import CheckpointError
+from optax_learned._src.errors import CheckpointNotFoundError
+from optax_learned._src.errors import CheckpointVersionError
+from optax_learned._src.errors import InvalidTreeError
+from optax_learned._src.errors import LearnedOptimizerError
+from optax_learned._src.errors import MissingParamsError
+from optax_learned._src.errors import UnknownOptimizerError
+from optax_learned._src.learned_optimizer import LearnedOptimizer
+from optax_learned._src.learned_optimizer import LearnedOptimizerState
+from optax_learned._src.learned_optimizer import MetaParams
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "FORMAT_VERSION",
+    "CheckpointArraysError",
+    "CheckpointConfigError",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointVersionError",
+    "InvalidTreeError",
+    "LearnedOptimizer",
+    "LearnedOptimizerError",
+    "LearnedOptimizerState",
+    "MetaParams",
+    "MissingParamsError",
+    "UnknownOptimizerError",
+    "available",
+    "load",
+    "load_metadata",
+    "load_weights",
+    "save",
+)

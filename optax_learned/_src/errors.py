@@ -1,0 +1,42 @@
+"""Exception types raised by optax_learned.
+
+Every error the package raises on bad input derives from :class:`LearnedOptimizerError`,
+so callers can catch the whole family at once, and also from the matching built-in
+exception (``ValueError``, ``FileNotFoundError``, ``TypeError``) so existing handlers work.
+"""
+
+
+class LearnedOptimizerError(Exception):
+  """Base class of every error raised by optax_learned on bad input."""
+
+
+class InvalidTreeError(LearnedOptimizerError, TypeError):
+  """A parameter or update pytree the learned optimizer cannot handle."""
+
+
+class MissingParamsError(LearnedOptimizerError, ValueError):
+  """``update`` was called without the ``params`` the learned optimizer needs."""
+
+
+class CheckpointError(LearnedOptimizerError):
+  """Base class of every problem with a saved learned optimizer."""
+
+
+class UnknownOptimizerError(CheckpointError, ValueError):
+  """A bundled name that does not exist or is not a plain name."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """A checkpoint path that does not exist or is not a checkpoint directory."""
+
+
+class CheckpointConfigError(CheckpointError, ValueError):
+  """A checkpoint whose JSON config is malformed, incomplete or has unknown keys."""
+
+
+class CheckpointVersionError(CheckpointError, ValueError):
+  """A checkpoint written by a newer, incompatible format version."""
+
+
+class CheckpointArraysError(CheckpointError, ValueError):
+  """A checkpoint whose arrays are missing, truncated or do not match its config."""
