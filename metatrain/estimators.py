@@ -1,0 +1,318 @@
+"""Meta-gradient estimators: pathwise, antithetic ES, persistent ES and their merge.
+
+All four estimate the gradient of the variational (Gaussian-smoothed) meta-objective
+``E_eps[L(theta + eps)]``, ``eps ~ N(0, sigma^2 I)``, where ``L`` is the mean meta-loss over a
+truncation of inner training. Samples are antithetic pairs ``theta +- eps``; the
+``num_tasks * num_pairs`` particles are vectorised with ``vmap``, and the pairs of one task
+instance share its data, initialisation and horizons (common random numbers).
+
+* :func:`pathwise_gradient` backpropagates through the truncated unroll at ``theta + eps``.
+* :func:`antithetic_es_gradient` is ``eps (L+ - L-) / (2 sigma^2)`` over one truncation.
+* :func:`pes_gradient` adds the perturbations accumulated since the run's last reset, which
+  makes the estimate unbiased for the whole inner run (Vicol et al. 2021).
+* :func:`merge_by_inverse_variance` combines a pathwise and an ES-type estimate per element,
+  weighting each by the inverse of its variance across the batch of samples (Metz et al.).
+
+Each estimator is used through :class:`Estimator`: ``init(meta_params, key, data)`` builds its
+state (the inner runs in progress) and ``estimate(meta_params, state, key, data)`` returns
+``(gradient, new_state, diagnostics)``; both are pure and jittable.
+
+References:
+  Metz, Maheswaranathan, Nixon, Freeman, Sohl-Dickstein 2019. "Understanding and correcting
+  pathologies in the training of learned optimizers". ICML. arXiv:1810.10180.
+  Vicol, Metz, Sohl-Dickstein 2021. "Unbiased gradient estimation in unrolled computation
+  graphs with persistent evolution strategies". ICML. arXiv:2112.13835.
+"""
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from metatrain import truncation as truncation_lib
+from metatrain.tasks import base
+
+MetaParams = Any
+ESTIMATORS = ("pathwise", "es", "pes", "merged")
+
+
+# -- per-sample gradient formulas -------------------------------------------------------
+
+
+def antithetic_es_gradient(eps: MetaParams, loss_differences: jax.Array,
+                           sigma: float) -> MetaParams:
+  """Per-sample antithetic ES gradients ``eps_i (L(theta+eps_i) - L(theta-eps_i)) / (2 sigma^2)``.
+
+  Args:
+    eps: perturbations, each leaf with a leading sample axis ``[S, ...]``.
+    loss_differences: ``L+ - L-`` per sample, shape ``[S]``.
+    sigma: the smoothing scale.
+
+  Returns:
+    Per-sample gradient estimates shaped like ``eps``.
+  """
+  scale = loss_differences / (2.0 * sigma**2)
+  return jax.tree.map(lambda e: e * scale.reshape((-1,) + (1,) * (e.ndim - 1)), eps)
+
+
+def pes_gradient(eps: MetaParams, accumulated: MetaParams, step_differences: jax.Array,
+                 resets: jax.Array, sigma: float) -> tuple[MetaParams, MetaParams]:
+  """Per-sample persistent ES gradients and the new accumulated perturbations.
+
+  The loss difference of step ``s`` is attributed to every perturbation that shaped the run
+  up to ``s``: the current ``eps`` always, the accumulated ones only if the run has not reset
+  at or before ``s`` within this truncation.
+
+  Args:
+    eps: this truncation's perturbations ``[S, ...]``.
+    accumulated: the sum of earlier perturbations since each run's last reset ``[S, ...]``.
+    step_differences: ``l+_s - l-_s`` per sample and step, ``[S, T]``.
+    resets: bool ``[S, T]``, a new run started at the start of step ``s``.
+    sigma: the smoothing scale.
+
+  Returns:
+    ``(gradients, new_accumulated)``, both shaped like ``eps``; ``new_accumulated`` is cleared
+    for runs that reset during the truncation.
+
+  References:
+    Vicol et al. 2021, arXiv:2112.13835, Algorithm 2.
+  """
+  chex.assert_equal_shape([step_differences, resets])
+  before_reset = jnp.cumsum(resets, axis=1) == 0
+  current = antithetic_es_gradient(eps, jnp.mean(step_differences, axis=1), sigma)
+  earlier = antithetic_es_gradient(
+      accumulated, jnp.mean(jnp.where(before_reset, step_differences, 0.0), axis=1), sigma)
+  gradients = jax.tree.map(jnp.add, current, earlier)
+  keep = ~jnp.any(resets, axis=1)
+  new_accumulated = jax.tree.map(
+      lambda a, e: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0.0) + e,
+      accumulated, eps)
+  return gradients, new_accumulated
+
+
+def merge_by_inverse_variance(pathwise_samples: MetaParams, es_samples: MetaParams,
+                              epsilon: float = 1e-20) -> tuple[MetaParams, MetaParams]:
+  """Merges two batches of gradient samples per element by inverse variance.
+
+  With per-element sample variances ``v_rp`` and ``v_es`` across the leading sample axis, the
+  merged gradient is ``w * mean(rp) + (1 - w) * mean(es)`` with ``w = v_es / (v_rp + v_es)``,
+  which minimises the variance of the combination of two independent estimates.
+
+  Args:
+    pathwise_samples: per-sample pathwise gradients ``[S, ...]``.
+    es_samples: per-sample ES or PES gradients ``[S, ...]``.
+    epsilon: guards against 0/0 when both variances vanish (then the weights are equal).
+
+  Returns:
+    ``(merged, es_weight)``: the merged gradient (no sample axis) and, per element, the weight
+    ``1 - w`` given to the ES side.
+
+  References:
+    Metz et al. 2019, arXiv:1810.10180, Section 4.2.
+  """
+  def merge(rp, es):
+    v_rp, v_es = jnp.var(rp, axis=0), jnp.var(es, axis=0)
+    w = (v_es + epsilon) / (v_rp + v_es + 2 * epsilon)
+    return w * jnp.mean(rp, axis=0) + (1 - w) * jnp.mean(es, axis=0), 1 - w
+
+  merged = jax.tree.map(merge, pathwise_samples, es_samples)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (jax.tree.map(lambda m: m[0], merged, is_leaf=is_pair),
+          jax.tree.map(lambda m: m[1], merged, is_leaf=is_pair))
+
+
+def _mean_over_samples(samples: MetaParams) -> MetaParams:
+  return jax.tree.map(lambda s: jnp.mean(s, axis=0), samples)
+
+
+def _mean_variance(samples: MetaParams) -> jax.Array:
+  """Per-element variance across samples, averaged over all elements."""
+  leaves = jax.tree.leaves(jax.tree.map(lambda s: jnp.var(s, axis=0), samples))
+  return sum(jnp.sum(v) for v in leaves) / sum(v.size for v in leaves)
+
+
+def _global_norm(tree: MetaParams) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+# -- the estimators ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorConfig:
+  """Settings shared by all estimators.
+
+  Attributes:
+    estimator: one of ``"pathwise"``, ``"es"``, ``"pes"``, ``"merged"``.
+    merged_es: the ES side of ``"merged"``: ``"es"`` or ``"pes"``.
+    num_tasks: independent task instances (own initialisation, data stream and horizons).
+    num_pairs: antithetic pairs per task instance.
+    sigma: standard deviation of the Gaussian smoothing of the optimizer weights.
+    truncation: how inner training is unrolled and scored.
+  """
+  estimator: str = "pes"
+  merged_es: str = "pes"
+  num_tasks: int = 8
+  num_pairs: int = 8
+  sigma: float = 0.01
+  truncation: truncation_lib.TruncationConfig = truncation_lib.TruncationConfig()
+
+  def __post_init__(self):
+    if self.estimator not in ESTIMATORS:
+      raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+    if self.merged_es not in ("es", "pes"):
+      raise ValueError(f"merged_es must be 'es' or 'pes', got {self.merged_es!r}")
+    if self.num_tasks < 1 or self.num_pairs < 1:
+      raise ValueError("num_tasks and num_pairs must be >= 1")
+    if not self.sigma > 0:
+      raise ValueError(f"sigma must be positive, got {self.sigma}")
+
+  @property
+  def num_particles(self) -> int:
+    """Antithetic pairs in all: ``num_tasks * num_pairs``."""
+    return self.num_tasks * self.num_pairs
+
+  @property
+  def persistent(self) -> bool:
+    """Whether perturbations accumulate across truncations (PES, or merged over PES)."""
+    return self.estimator == "pes" or (self.estimator == "merged" and self.merged_es == "pes")
+
+
+@chex.dataclass
+class EstimatorState:
+  """Inner runs in progress, each with a leading particle axis ``[num_particles]``.
+
+  Attributes:
+    positive: runs at ``theta + eps`` (for ES and pathwise, the only runs: both halves of a
+      pair start each truncation from them).
+    negative: runs at ``theta - eps``, kept only by persistent estimators (else ``None``).
+    accumulated: perturbations accumulated since each run's last reset (persistent only).
+  """
+  positive: truncation_lib.InnerState
+  negative: truncation_lib.InnerState | None = None
+  accumulated: MetaParams | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+  """A meta-gradient estimator for one task and learned optimizer.
+
+  Example:
+    >>> est = Estimator(task, lopt, EstimatorConfig(estimator="pes"))
+    >>> state = est.init(meta_params, key, data)
+    >>> grad, state, diagnostics = jax.jit(est.estimate)(meta_params, state, key, data)
+  """
+  task: base.Task
+  lopt: truncation_lib.LearnedOptimizerLike
+  config: EstimatorConfig
+
+  def init(self, meta_params: MetaParams, key: chex.PRNGKey, data: base.Data) -> EstimatorState:
+    """Starts ``num_particles`` inner runs; the pairs of one task instance share a run key."""
+    del data
+    cfg = self.config
+    task_keys = jax.random.split(key, cfg.num_tasks)
+    run_keys = jnp.repeat(task_keys, cfg.num_pairs, axis=0)
+    start = lambda k: truncation_lib.init_inner_state(self.task, self.lopt, meta_params,
+                                                  cfg.truncation, k)
+    positive = jax.vmap(start)(run_keys)
+    if not cfg.persistent:
+      return EstimatorState(positive=positive)
+    zeros = jax.tree.map(lambda p: jnp.zeros((cfg.num_particles,) + p.shape, p.dtype),
+                         meta_params)
+    return EstimatorState(positive=positive, negative=positive, accumulated=zeros)
+
+  def _unroll(self, theta, state, data):
+    return jax.vmap(truncation_lib.unroll, in_axes=(None, None, None, 0, 0, None))(
+        self.task, self.lopt, self.config.truncation, theta, state, data)
+
+  def _pathwise_unroll(self, theta, state, data):
+    def mean_loss(theta_i, state_i):
+      new_state, out = truncation_lib.unroll(self.task, self.lopt, self.config.truncation,
+                                         theta_i, state_i, data)
+      return jnp.mean(out.meta_losses), (new_state, out)
+    grads, (new_state, out) = jax.vmap(jax.grad(mean_loss, has_aux=True))(theta, state)
+    return grads, new_state, out
+
+  def estimate(self, meta_params: MetaParams, state: EstimatorState, key: chex.PRNGKey,
+               data: base.Data) -> tuple[MetaParams, EstimatorState, dict[str, jax.Array]]:
+    """Estimates the meta-gradient over one truncation and advances the inner runs.
+
+    Args:
+      meta_params: the current optimizer weights ``theta``.
+      state: from :meth:`init` or the previous call.
+      key: fresh randomness for this truncation's perturbations.
+      data: the task's arrays.
+
+    Returns:
+      ``(gradient, new_state, diagnostics)``: the gradient is shaped like ``meta_params``;
+      diagnostics are float32 scalars (meta-loss, norms, per-sample variances, ES weight,
+      resets and divergences).
+    """
+    cfg = self.config
+    eps = _sample_perturbations(meta_params, key, cfg.num_particles, cfg.sigma)
+    theta_pos = jax.tree.map(lambda t, e: t + e, meta_params, eps)
+    theta_neg = jax.tree.map(lambda t, e: t - e, meta_params, eps)
+    want_pathwise = cfg.estimator in ("pathwise", "merged")
+    want_es = cfg.estimator != "pathwise"
+
+    if want_pathwise:
+      rp_samples, new_pos, out_pos = self._pathwise_unroll(theta_pos, state.positive, data)
+    else:
+      new_pos, out_pos = self._unroll(theta_pos, state.positive, data)
+    diagnostics = {}
+    if want_es:
+      negative = state.negative if cfg.persistent else state.positive
+      new_neg, out_neg = self._unroll(theta_neg, negative, data)
+      differences = out_pos.meta_losses - out_neg.meta_losses
+      if cfg.persistent:
+        es_samples, accumulated = pes_gradient(eps, state.accumulated, differences,
+                                               out_pos.resets, cfg.sigma)
+      else:
+        es_samples = antithetic_es_gradient(eps, jnp.mean(differences, axis=1), cfg.sigma)
+      diagnostics["es_variance"] = _mean_variance(es_samples)
+      diagnostics["es_norm"] = _global_norm(_mean_over_samples(es_samples))
+      diverged = jax.vmap(truncation_lib.diverged, in_axes=(None, 0))(cfg.truncation, out_pos) | (
+          jax.vmap(truncation_lib.diverged, in_axes=(None, 0))(cfg.truncation, out_neg))
+      meta_loss = 0.5 * (jnp.mean(out_pos.meta_losses) + jnp.mean(out_neg.meta_losses))
+    else:
+      diverged = jax.vmap(truncation_lib.diverged, in_axes=(None, 0))(cfg.truncation, out_pos)
+      meta_loss = jnp.mean(out_pos.meta_losses)
+    if want_pathwise:
+      diagnostics["pathwise_variance"] = _mean_variance(rp_samples)
+      diagnostics["pathwise_norm"] = _global_norm(_mean_over_samples(rp_samples))
+
+    if cfg.estimator == "pathwise":
+      gradient = _mean_over_samples(rp_samples)
+    elif cfg.estimator == "merged":
+      gradient, es_weight = merge_by_inverse_variance(rp_samples, es_samples)
+      leaves = jax.tree.leaves(es_weight)
+      diagnostics["es_weight"] = sum(jnp.sum(w) for w in leaves) / sum(w.size for w in leaves)
+    else:
+      gradient = _mean_over_samples(es_samples)
+
+    new_pos = truncation_lib.force_reset(new_pos, diverged)
+    if cfg.persistent:
+      new_state = EstimatorState(positive=new_pos,
+                                 negative=truncation_lib.force_reset(new_neg, diverged),
+                                 accumulated=accumulated)
+    else:
+      new_state = EstimatorState(positive=new_pos)
+    chex.assert_trees_all_equal_shapes_and_dtypes(gradient, meta_params)
+    diagnostics.update(
+        meta_loss=meta_loss, train_loss=jnp.mean(out_pos.train_losses),
+        grad_norm=_global_norm(gradient),
+        resets=jnp.sum(out_pos.resets).astype(jnp.float32),
+        divergences=jnp.sum(diverged).astype(jnp.float32))
+    return gradient, new_state, diagnostics
+
+
+def _sample_perturbations(meta_params: MetaParams, key: chex.PRNGKey, num: int,
+                          sigma: float) -> MetaParams:
+  """Gaussian perturbations ``[num, ...]`` of scale ``sigma`` for every leaf."""
+  leaves, treedef = jax.tree.flatten(meta_params)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      sigma * jax.random.normal(k, (num,) + jnp.shape(leaf), jnp.result_type(leaf))
+      for k, leaf in zip(keys, leaves)])

@@ -1,0 +1,175 @@
+"""Statistical tests of the meta-gradient estimators against exact gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import toy_problems as toy
+from metatrain import estimators
+from metatrain import truncation
+from metatrain.tasks.quadratic import LinearRegressionTask
+
+SIGMA = 0.05
+
+
+def _config(estimator, length, horizon, num_pairs, *, merged_es="pes", sigma=SIGMA):
+  return estimators.EstimatorConfig(
+      estimator=estimator, merged_es=merged_es, num_tasks=1, num_pairs=num_pairs, sigma=sigma,
+      truncation=truncation.TruncationConfig(
+          truncation_length=length, min_horizon=horizon, max_horizon=horizon, log_loss=False,
+          loss_clip=1e6, stagger=False))
+
+
+def _repeated_estimates(est, meta_params, num_truncations, reps, data=None, seed=0):
+  """Per repetition: the mean of the first ``num_truncations`` estimates of fresh runs."""
+  data = {} if data is None else data
+
+  def one_run(key):
+    init_key, key = jax.random.split(key)
+    state = est.init(meta_params, init_key, data)
+
+    def body(state, k):
+      gradient, state, _ = est.estimate(meta_params, state, k, data)
+      return state, gradient
+
+    _, gradients = jax.lax.scan(body, state, jax.random.split(key, num_truncations))
+    return jax.tree.map(lambda g: g.mean(0), gradients)
+
+  keys = jax.random.split(jax.random.PRNGKey(seed), reps)
+  return np.asarray(jax.jit(jax.vmap(one_run))(keys)["log_lr"])
+
+
+def _full_horizon_gradient(task, lopt, config, meta_params, num_truncations, samples=4096):
+  """Exact backprop through the whole run, averaged over the per-truncation perturbations."""
+  tcfg = config.truncation
+
+  def objective(theta, eps):
+    state = truncation.init_inner_state(task, lopt, theta, tcfg, jax.random.PRNGKey(0))
+    total = 0.0
+    for k in range(num_truncations):
+      perturbed = {"log_lr": theta["log_lr"] + eps[k]}
+      state, out = truncation.unroll(task, lopt, tcfg, perturbed, state, {})
+      total += jnp.mean(out.meta_losses)
+    return total / num_truncations
+
+  eps = config.sigma * jax.random.normal(jax.random.PRNGKey(123), (samples, num_truncations))
+  grads = np.asarray(jax.jit(jax.vmap(jax.grad(objective), in_axes=(None, 0)))(
+      meta_params, eps)["log_lr"])
+  return grads.mean(), grads.std() / np.sqrt(samples)
+
+
+def _z_score(samples, reference, reference_se):
+  se = samples.std(ddof=1) / np.sqrt(len(samples))
+  return abs(samples.mean() - reference) / np.sqrt(se**2 + reference_se**2)
+
+
+@pytest.mark.parametrize("name,merged_es", [
+    ("pathwise", "pes"), ("es", "pes"), ("pes", "pes"), ("merged", "es"), ("merged", "pes")])
+def test_single_truncation_estimators_are_unbiased(name, merged_es):
+  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
+  meta_params = lopt.init(None)
+  config = _config(name, length=10, horizon=10, num_pairs=8, merged_es=merged_es)
+  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 1)
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 1, 300)
+  assert abs(reference) > 10 * reference_se  # a gradient clearly away from zero
+  assert _z_score(samples, reference, reference_se) < 4.0
+
+
+@pytest.mark.parametrize("horizon", [20, 18])  # 18: a reset in the middle of a truncation
+def test_pes_is_unbiased_over_truncations_where_truncated_estimators_are_not(horizon):
+  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
+  meta_params = lopt.init(None)
+  z = {}
+  for name in ("pes", "es", "pathwise"):
+    config = _config(name, length=5, horizon=horizon, num_pairs=8)
+    reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4)
+    samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 4, 300)
+    z[name] = _z_score(samples, reference, reference_se)
+  assert z["pes"] < 4.0, z
+  assert z["es"] > 8.0 and z["pathwise"] > 8.0, z
+
+
+def test_merged_variance_is_no_larger_than_either_part():
+  task, lopt = LinearRegressionTask(dim=4, batch_size=8, noise=1.0), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  variances = {}
+  for name in ("pathwise", "es", "merged"):
+    config = _config(name, length=10, horizon=10, num_pairs=16, merged_es="es")
+    samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 1, 400,
+                                  data=data)
+    variances[name] = samples.var(ddof=1)
+  # The variance of a sample variance from 400 draws has a relative error of about 7%.
+  assert variances["merged"] <= 1.25 * min(variances["pathwise"], variances["es"]), variances
+
+
+def test_pathwise_gradient_norm_explodes_with_unroll_length():
+  task, lopt = toy.DeterministicQuadratic(curvature=(1.0,)), toy.LearnedStepSize(np.log(2.2))
+  meta_params = lopt.init(None)
+  norms = []
+  for length in (2, 4, 8, 16):
+    config = _config("pathwise", length=length, horizon=length, num_pairs=1, sigma=1e-6)
+    est = estimators.Estimator(task, lopt, config)
+    state = est.init(meta_params, jax.random.PRNGKey(0), {})
+    _, _, diagnostics = jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), {})
+    norms.append(float(diagnostics["pathwise_norm"]))
+  assert all(b > 2 * a for a, b in zip(norms, norms[1:])), norms
+  assert norms[-1] > 100 * norms[0], norms
+
+
+def test_antithetic_pairs_cancel_shared_noise_exactly_on_a_linear_objective():
+  task, lopt = toy.NoisyLinear(), toy.ConstantStep()
+  meta_params = lopt.init(None)
+  config = _config("es", length=4, horizon=8, num_pairs=1, sigma=0.1)
+  est = estimators.Estimator(task, lopt, config)
+  key = jax.random.PRNGKey(7)
+  eps = estimators._sample_perturbations(meta_params, key, 1, config.sigma)["theta"][0]
+  # Meta-loss after step s is -(s + 1) theta + noise_s: the pair's difference is -5 eps.
+  expected = float(-2.5 * eps**2 / config.sigma**2)
+  for init_seed in range(3):  # different runs: different batch noise
+    state = est.init(meta_params, jax.random.PRNGKey(init_seed), {})
+    gradient, _, _ = jax.jit(est.estimate)(meta_params, state, key, {})
+    np.testing.assert_allclose(float(gradient["theta"]), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", range(5))
+def test_reset_masking_at_every_position(position):
+  task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  config = truncation.TruncationConfig(truncation_length=5, min_horizon=10, max_horizon=10,
+                                       log_loss=False, loss_clip=1e6, stagger=False)
+  state = truncation.init_inner_state(task, lopt, meta_params, config, jax.random.PRNGKey(0))
+  state = state._replace(step=jnp.asarray(10 - position, jnp.int32))
+  _, out = truncation.unroll(task, lopt, config, meta_params, state, data)
+  np.testing.assert_array_equal(out.resets, np.arange(5) == position)
+  # After the reset the losses are those of a fresh run with the next run key.
+  fresh = truncation.init_inner_state(task, lopt, meta_params, config,
+                                      jax.random.PRNGKey(0))._replace(
+      run_key=jax.random.split(state.run_key)[1])
+  fresh = truncation._fresh_run(task, lopt.transform(meta_params), config, fresh.run_key)
+  _, fresh_out = truncation.unroll(task, lopt, config, meta_params, fresh, data)
+  np.testing.assert_allclose(out.meta_losses[position:], fresh_out.meta_losses[:5 - position],
+                             rtol=1e-6)
+
+  # PES attributes steps before the reset to the accumulated perturbation only.
+  eps, accumulated = {"a": jnp.ones((1,))}, {"a": jnp.full((1,), 10.0)}
+  grads, new_accumulated = estimators.pes_gradient(
+      eps, accumulated, jnp.ones((1, 5)), out.resets[None], sigma=1.0)
+  np.testing.assert_allclose(grads["a"], [(1.0 + 10.0 * position / 5) / 2.0], rtol=1e-6)
+  np.testing.assert_allclose(new_accumulated["a"], [1.0])
+
+
+def test_pes_accumulates_without_reset():
+  eps, accumulated = {"a": jnp.ones((1,))}, {"a": jnp.full((1,), 10.0)}
+  grads, new_accumulated = estimators.pes_gradient(
+      eps, accumulated, jnp.ones((1, 5)), jnp.zeros((1, 5), bool), sigma=1.0)
+  np.testing.assert_allclose(grads["a"], [11.0 / 2.0])
+  np.testing.assert_allclose(new_accumulated["a"], [11.0])
+
+
+def test_merge_by_inverse_variance_weights():
+  rp = {"w": jnp.array([[1.0, 0.0], [1.0, 4.0]])}   # variances 0 and 4
+  es = {"w": jnp.array([[0.0, 1.0], [4.0, 1.0]])}   # variances 4 and 0
+  merged, es_weight = estimators.merge_by_inverse_variance(rp, es)
+  np.testing.assert_allclose(merged["w"], [1.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(es_weight["w"], [0.0, 1.0], atol=1e-6)
