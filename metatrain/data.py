@@ -1,0 +1,236 @@
+"""CIFAR-10 loading from a local ``.npz`` directory or TensorFlow Datasets.
+
+Sources, in order of precedence:
+
+1. A local directory holding ``cifar10_train.npz`` (and optionally ``cifar10_test.npz``), each
+   with keys ``x`` (uint8, ``[N, 32, 32, 3]``, NHWC) and ``y`` (integer labels ``[N]``), given
+   as ``source`` or through the environment variable ``OPTAX_LEARNED_DATA``.
+2. TFDS ``cifar10`` (``pip install tensorflow-datasets``), imported only when used.
+
+The validation split is always the last ``validation_size`` rows of the training split, so it
+is disjoint from the rows returned as ``"train"``. Nothing is downloaded unless
+``download=True``: without a local directory or prepared TFDS data, loading fails at once with
+:class:`DataNotFoundError`.
+"""
+
+import importlib.util
+import os
+import sys
+import zipfile
+from typing import Any
+
+import numpy as np
+
+ENV_VAR = "OPTAX_LEARNED_DATA"
+TRAIN_FILE = "cifar10_train.npz"
+TEST_FILE = "cifar10_test.npz"
+TFDS = "tfds"
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+
+Split = dict[str, np.ndarray]
+
+_HOW_TO_PROVIDE = (
+    f"Provide CIFAR-10 in one of two ways: (1) set the environment variable {ENV_VAR} to a "
+    f"directory containing {TRAIN_FILE} (keys `x`: uint8 [N, 32, 32, 3], `y`: labels [N]; "
+    f"optionally also {TEST_FILE}), or pass that directory as `source` (a task's `data_dir`); "
+    "or (2) `pip install tensorflow-datasets` and download it once with "
+    "load_cifar10(download=True)."
+)
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The requested dataset is not available locally (nothing was downloaded)."""
+
+
+class InvalidDataError(ValueError):
+  """A dataset file exists but is unreadable or has the wrong keys, dtype or shape."""
+
+
+def resolve_source(source: str | os.PathLike | None = None) -> str:
+  """Returns the source that :func:`load_cifar10` would use: a directory path or ``"tfds"``.
+
+  Args:
+    source: a directory, ``"tfds"``, or ``None`` for ``$OPTAX_LEARNED_DATA`` else TFDS.
+
+  Returns:
+    An absolute directory path, or ``"tfds"``.
+  """
+  if source is None:
+    source = os.environ.get(ENV_VAR) or TFDS
+  source = os.fspath(source)
+  return source if source == TFDS else os.path.abspath(os.path.expanduser(source))
+
+
+def load_cifar10(
+    source: str | os.PathLike | None = None,
+    *,
+    validation_size: int = 5000,
+    download: bool = False,
+) -> dict[str, Split]:
+  """Loads CIFAR-10 as numpy arrays.
+
+  Args:
+    source: a directory containing ``cifar10_train.npz``; ``"tfds"`` for TensorFlow Datasets;
+      ``None`` for ``$OPTAX_LEARNED_DATA`` when set, else TFDS.
+    validation_size: rows at the end of the training split that form ``"valid"``.
+    download: allow TFDS to download and prepare the dataset if it is not prepared yet.
+
+  Returns:
+    ``{"train": split, "valid": split}`` plus ``"test"`` when a real test split exists, each
+    split ``{"image": uint8 [N, 32, 32, 3], "label": int32 [N]}``.
+
+  Raises:
+    DataNotFoundError: no data at ``source`` (the message says how to provide it).
+    InvalidDataError: a data file with missing keys or the wrong dtype or shape.
+    ValueError: ``validation_size`` leaves no training rows or is negative.
+  """
+  source = resolve_source(source)
+  if source == TFDS:
+    splits = _load_tfds(download)
+  else:
+    splits = _load_directory(source)
+  train = splits.pop("train")
+  num_train = train["label"].shape[0]
+  if not 0 < validation_size < num_train:
+    raise ValueError(
+        f"validation_size must be in [1, {num_train - 1}] for {num_train} training rows, "
+        f"got {validation_size}")
+  cut = num_train - validation_size
+  result = {
+      "train": {k: v[:cut] for k, v in train.items()},
+      "valid": {k: v[cut:] for k, v in train.items()},
+  }
+  result.update(splits)
+  return result
+
+
+def resize_images(images: np.ndarray, resolution: int, chunk_size: int = 4096) -> np.ndarray:
+  """Average-pools square uint8 NHWC images down to ``resolution x resolution``.
+
+  Args:
+    images: uint8 array ``[N, H, H, C]``.
+    resolution: output side; must divide ``H``.
+    chunk_size: rows pooled at a time, to bound temporary memory.
+
+  Returns:
+    uint8 array ``[N, resolution, resolution, C]`` (rounded means); ``images`` itself when
+    ``resolution == H``.
+
+  Raises:
+    ValueError: non-square or non-rank-4 images, or a resolution that does not divide ``H``.
+  """
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[1] != images.shape[2]:
+    raise ValueError(f"images must be square NHWC [N, H, H, C], got shape {images.shape}")
+  size = images.shape[1]
+  if resolution <= 0 or size % resolution:
+    raise ValueError(f"resolution must be a positive divisor of {size}, got {resolution}")
+  if resolution == size:
+    return images
+  f = size // resolution
+  n, _, _, c = images.shape
+  out = np.empty((n, resolution, resolution, c), np.uint8)
+  for start in range(0, n, chunk_size):
+    chunk = images[start:start + chunk_size].astype(np.uint32)
+    total = chunk.reshape(-1, resolution, f, resolution, f, c).sum(axis=(2, 4))
+    out[start:start + chunk_size] = (total + f * f // 2) // (f * f)
+  return out
+
+
+def _load_directory(directory: str) -> dict[str, Split]:
+  train_path = os.path.join(directory, TRAIN_FILE)
+  if not os.path.isfile(train_path):
+    problem = "is not a directory" if not os.path.isdir(directory) else f"has no {TRAIN_FILE}"
+    raise DataNotFoundError(f"CIFAR-10 data directory {directory!r} {problem}. {_HOW_TO_PROVIDE}")
+  splits = {"train": _read_npz(train_path)}
+  test_path = os.path.join(directory, TEST_FILE)
+  if os.path.isfile(test_path):
+    splits["test"] = _read_npz(test_path)
+  return splits
+
+
+def _read_npz(path: str) -> Split:
+  """Reads and validates one ``{x, y}`` npz file."""
+  unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except unreadable as e:
+    raise InvalidDataError(f"{path}: not a readable .npz file ({e})") from e
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise InvalidDataError(f"{path}: not an .npz archive with keys `x` and `y`")
+  with npz:
+    missing = sorted({"x", "y"} - set(npz.files))
+    if missing:
+      raise InvalidDataError(f"{path}: missing key(s) {missing}; found {sorted(npz.files)}")
+    try:
+      x, y = npz["x"], npz["y"]
+    except unreadable as e:
+      raise InvalidDataError(f"{path}: cannot read arrays ({e})") from e
+  return _validate(path, x, y)
+
+
+def _validate(where: str, x: Any, y: Any) -> Split:
+  x, y = np.asarray(x), np.asarray(y)
+  if x.ndim == 0 or x.shape[0] == 0:
+    raise InvalidDataError(f"{where}: images `x` have no rows (shape {x.shape})")
+  if x.dtype != np.uint8:
+    raise InvalidDataError(f"{where}: images `x` must be uint8, got {x.dtype}")
+  if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
+    raise InvalidDataError(f"{where}: images `x` must have shape [N, 32, 32, 3], got {x.shape}")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise InvalidDataError(f"{where}: labels `y` must be integers, got {y.dtype}")
+  if y.shape != x.shape[:1]:
+    raise InvalidDataError(f"{where}: labels `y` must have shape [{x.shape[0]}], got {y.shape}")
+  if y.min() < 0 or y.max() >= NUM_CLASSES:
+    raise InvalidDataError(f"{where}: labels `y` must lie in [0, {NUM_CLASSES - 1}], got "
+                           f"[{y.min()}, {y.max()}]")
+  return {"image": x, "label": y.astype(np.int32)}
+
+
+def _load_tfds(download: bool) -> dict[str, Split]:
+  root = _tfds_data_root()
+  installed = _tfds_installed()
+  if not download and not (installed and _tfds_cifar10_on_disk(root)):
+    problem = ("tensorflow-datasets is not installed" if not installed else
+               f"TFDS cifar10 is not prepared under {root!r} and download=False")
+    raise DataNotFoundError(f"No CIFAR-10 found: {ENV_VAR} is not set and {problem}. "
+                            f"{_HOW_TO_PROVIDE}")
+  if not installed:
+    raise DataNotFoundError(f"download=True needs tensorflow-datasets. {_HOW_TO_PROVIDE}")
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency)
+
+  builder = tfds.builder("cifar10")
+  if download:
+    builder.download_and_prepare()
+  splits = {}
+  for name in ("train", "test"):
+    arrays = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
+    splits[name] = _validate(f"tfds cifar10[{name}]", arrays["image"], arrays["label"])
+  return splits
+
+
+def _tfds_installed() -> bool:
+  """Whether ``tensorflow_datasets`` can be imported, checked without importing it."""
+  if "tensorflow_datasets" in sys.modules:
+    return sys.modules["tensorflow_datasets"] is not None
+  return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def _tfds_data_root() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _tfds_cifar10_on_disk(root: str) -> bool:
+  """Whether prepared TFDS cifar10 data exists under ``root``, checked without TFDS or network.
+
+  Building a TFDS builder for data that is not on disk may query remote storage, so this
+  check runs first. Remote roots (``gs://...``) cannot be checked here and count as present.
+  """
+  if "://" in root:
+    return True
+  directory = os.path.join(root, "cifar10")
+  if not os.path.isdir(directory):
+    return False
+  return any(os.path.isfile(os.path.join(directory, version, "dataset_info.json"))
+             for version in os.listdir(directory))

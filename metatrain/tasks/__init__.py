@@ -1,0 +1,31 @@
+"""Inner training problems for meta-training: the task protocol, tasks and task families."""
+
+from metatrain.tasks.base import Task
+from metatrain.tasks.convnet import ConvNetTask
+from metatrain.tasks.digits import DigitsMLPTask
+from metatrain.tasks.families import (
+    ConvNetFamily,
+    DigitsMLPFamily,
+    LinearRegressionFamily,
+    TaskFamily,
+    family_names,
+    get_family,
+    get_task,
+    task_names,
+)
+from metatrain.tasks.quadratic import LinearRegressionTask
+
+__all__ = [
+    "ConvNetFamily",
+    "ConvNetTask",
+    "DigitsMLPFamily",
+    "DigitsMLPTask",
+    "LinearRegressionFamily",
+    "LinearRegressionTask",
+    "Task",
+    "TaskFamily",
+    "family_names",
+    "get_family",
+    "get_task",
+    "task_names",
+]

@@ -1,0 +1,185 @@
+"""Named tasks and task families: distributions over task variations for meta-training.
+
+:func:`get_task` builds a named task with optional field overrides; :func:`get_family` builds
+a :class:`TaskFamily` whose :meth:`~TaskFamily.sample` draws a task variation (architecture,
+activation, initialisation scale, batch size, ...) deterministically from a seed or PRNG key.
+Sampling happens on the host with numpy; tasks of a family that share a resolution share
+their (cached) device data.
+"""
+
+import abc
+import dataclasses
+import math
+from collections.abc import Callable
+
+import chex
+import jax
+import numpy as np
+
+from metatrain.tasks import base
+from metatrain.tasks.convnet import ConvNetTask
+from metatrain.tasks.digits import DigitsMLPTask
+from metatrain.tasks.quadratic import LinearRegressionTask
+
+_TASKS: dict[str, tuple[Callable[[], base.Task], str]] = {
+    "linear_regression": (LinearRegressionTask,
+                          "least squares, 8 Gaussian features, condition number 10"),
+    "digits_mlp": (DigitsMLPTask, "MLP 64-32-10 (relu) on sklearn's 8x8 digits, batch 64"),
+    "cifar_conv_8": (lambda: ConvNetTask(resolution=8),
+                     "3x32 strided ConvNet on CIFAR-10 pooled to 8x8, batch 128"),
+    "cifar_conv_16": (lambda: ConvNetTask(resolution=16),
+                      "3x32 strided ConvNet on CIFAR-10 pooled to 16x16, batch 128"),
+    "cifar_conv_32": (lambda: ConvNetTask(resolution=32),
+                      "3x32 strided ConvNet on CIFAR-10 at 32x32 (Metz et al. 2019), batch 128"),
+    "cifar_conv_32_w64": (lambda: ConvNetTask(resolution=32, width=64),
+                          "3x64 strided ConvNet on CIFAR-10 at 32x32, batch 128"),
+}
+
+
+def task_names() -> dict[str, str]:
+  """Returns the registered task names, each with a one-line description."""
+  return {name: description for name, (_, description) in _TASKS.items()}
+
+
+def get_task(name: str, **overrides) -> base.Task:
+  """Builds a registered task, replacing any of its fields with ``overrides``.
+
+  Args:
+    name: a key of :func:`task_names`.
+    **overrides: dataclass fields of the task, e.g. ``batch_size=32`` or ``data_dir=...``.
+
+  Returns:
+    The task.
+
+  Raises:
+    ValueError: an unknown name, or an override that is not a field of the task.
+  """
+  if name not in _TASKS:
+    raise ValueError(f"unknown task {name!r}; known tasks: {sorted(_TASKS)}")
+  return _replace(_TASKS[name][0](), overrides)
+
+
+def _replace(task: base.Task, overrides: dict) -> base.Task:
+  fields = {f.name for f in dataclasses.fields(task)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"{type(task).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+  return dataclasses.replace(task, **overrides)
+
+
+def _rng(key_or_seed: int | chex.PRNGKey) -> np.random.Generator:
+  """A numpy generator determined by an integer seed or a (typed or raw) JAX PRNG key."""
+  if isinstance(key_or_seed, (int, np.integer)):
+    return np.random.default_rng(int(key_or_seed))
+  if jax.dtypes.issubdtype(key_or_seed.dtype, jax.dtypes.prng_key):
+    key_or_seed = jax.random.key_data(key_or_seed)
+  return np.random.default_rng(np.asarray(key_or_seed, np.uint32).ravel().tolist())
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+  """A log-uniform draw, rounded to 4 significant digits for readable, stable task fields."""
+  value = math.exp(rng.uniform(math.log(low), math.log(high)))
+  return float(f"{value:.4g}")
+
+
+def _choice(rng: np.random.Generator, options: tuple):
+  return options[int(rng.integers(len(options)))]
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFamily(abc.ABC):
+  """A distribution over tasks; :meth:`sample` is deterministic given its seed or key."""
+
+  @abc.abstractmethod
+  def sample(self, key_or_seed: int | chex.PRNGKey) -> base.Task:
+    """Draws one task variation from an integer seed or a JAX PRNG key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRegressionFamily(TaskFamily):
+  """Least-squares problems of varying dimension, conditioning and true weights."""
+  dims: tuple[int, ...] = (4, 8, 16, 32, 64)
+  condition_range: tuple[float, float] = (1.0, 1e3)
+  batch_sizes: tuple[int, ...] = (16, 32, 64)
+
+  def sample(self, key_or_seed: int | chex.PRNGKey) -> LinearRegressionTask:
+    rng = _rng(key_or_seed)
+    return LinearRegressionTask(
+        dim=_choice(rng, self.dims), batch_size=_choice(rng, self.batch_sizes),
+        condition_number=_log_uniform(rng, *self.condition_range),
+        seed=int(rng.integers(2**31)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsMLPFamily(TaskFamily):
+  """Digits MLPs of varying depth, widths, activation, initialisation and batch size."""
+  depths: tuple[int, ...] = (0, 1, 2, 3)
+  widths: tuple[int, ...] = (16, 32, 64, 128)
+  activations: tuple[str, ...] = ("relu", "tanh", "gelu", "elu")
+  init_scale_range: tuple[float, float] = (0.5, 2.0)
+  batch_sizes: tuple[int, ...] = (32, 64, 128)
+
+  def sample(self, key_or_seed: int | chex.PRNGKey) -> DigitsMLPTask:
+    rng = _rng(key_or_seed)
+    depth = _choice(rng, self.depths)
+    return DigitsMLPTask(
+        hidden_sizes=tuple(_choice(rng, self.widths) for _ in range(depth)),
+        activation=_choice(rng, self.activations),
+        init_scale=_log_uniform(rng, *self.init_scale_range),
+        batch_size=_choice(rng, self.batch_sizes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvNetFamily(TaskFamily):
+  """CIFAR-10 ConvNets of varying width, depth, activation, init, batch size and resolution.
+
+  Data is loaded once per resolution (cached), however many variations are sampled.
+  """
+  widths: tuple[int, ...] = (16, 32, 64)
+  depths: tuple[int, ...] = (2, 3, 4)
+  activations: tuple[str, ...] = ("relu", "tanh", "gelu", "elu")
+  init_scale_range: tuple[float, float] = (0.5, 2.0)
+  batch_sizes: tuple[int, ...] = (64, 128)
+  resolutions: tuple[int, ...] = (8, 16, 32)
+  conv_impl: str = "patches"
+  data_dir: str | None = None
+  validation_size: int = 5000
+
+  def sample(self, key_or_seed: int | chex.PRNGKey) -> ConvNetTask:
+    rng = _rng(key_or_seed)
+    return ConvNetTask(
+        width=_choice(rng, self.widths), depth=_choice(rng, self.depths),
+        activation=_choice(rng, self.activations),
+        init_scale=_log_uniform(rng, *self.init_scale_range),
+        batch_size=_choice(rng, self.batch_sizes), resolution=_choice(rng, self.resolutions),
+        conv_impl=self.conv_impl, data_dir=self.data_dir, validation_size=self.validation_size)
+
+
+_FAMILIES: dict[str, type[TaskFamily]] = {
+    "linear_regression": LinearRegressionFamily,
+    "digits_mlp": DigitsMLPFamily,
+    "cifar_conv": ConvNetFamily,
+}
+
+
+def family_names() -> tuple[str, ...]:
+  """Returns the registered family names."""
+  return tuple(_FAMILIES)
+
+
+def get_family(name: str, **overrides) -> TaskFamily:
+  """Builds a registered task family, replacing any of its fields with ``overrides``.
+
+  Args:
+    name: one of :func:`family_names`.
+    **overrides: dataclass fields of the family, e.g. ``resolutions=(16,)``.
+
+  Returns:
+    The family.
+
+  Raises:
+    ValueError: an unknown name, or an override that is not a field of the family.
+  """
+  if name not in _FAMILIES:
+    raise ValueError(f"unknown task family {name!r}; known families: {sorted(_FAMILIES)}")
+  return _replace(_FAMILIES[name](), overrides)
