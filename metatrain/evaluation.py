@@ -1,0 +1,786 @@
+"""Evaluation of a learned optimizer against tuned Adam, SGD with momentum and RMSProp.
+
+Protocol (:func:`evaluate`):
+
+* Every optimizer trains the same task for ``steps`` steps from ``seeds`` seeds. Seed ``s``
+  becomes the PRNG key ``10_000 + s`` (:data:`EVAL_SEED_OFFSET`), split into an
+  initialisation key and a batch key; meta-training uses small seeds, so evaluation runs never
+  reuse a meta-training initialisation or batch stream. All optimizers share these keys.
+* A jitted training step (batch sampled inside ``jit`` from ``fold_in(batch_key, step)``, data
+  passed as a device argument) is called from a Python loop, not ``lax.scan``: on XLA:CPU
+  convolutions inside ``scan`` are much slower (jax-ml/jax#12868).
+* Every ``eval_every`` steps (and at steps 0 and ``steps``) the parameters are evaluated on a
+  fixed set of ``num_eval_batches`` training batches ("training loss") and the same number of
+  validation batches (validation loss and accuracy). These batches are the same for every
+  optimizer, learning rate and seed. The mean minibatch loss of the steps since the previous
+  evaluation is kept too (``train_loss_window``).
+* Wall-clock seconds count the training steps only: compilation happens in a two-step warm-up
+  on copies of the initial state, and each chunk of steps is timed up to
+  ``block_until_ready`` before the (untimed) evaluation.
+* A run whose evaluated losses become NaN or infinite stops there; its remaining points are
+  NaN and it is marked ``diverged``.
+* Each baseline's learning rate is the one of the grid with the lowest final validation loss
+  (mean over seeds); the best baseline is the tuned baseline with the lowest final validation
+  loss.
+* Time to target: the step and training seconds at which an optimizer's mean (over seeds)
+  training-loss curve first reaches a target, linearly interpolated between evaluation points
+  (``None`` if it never does). The target for each comparison is the tuned baseline's final
+  mean training loss; the baseline's own time to it is computed the same way, and ratios are
+  ``learned / baseline`` (below 1: the learned optimizer is faster).
+* Stability of a run: ``diverged`` if any evaluated loss of any seed is NaN or infinite;
+  ``stable`` if not diverged and the final mean training loss is at most
+  :data:`STABILITY_TOLERANCE` times the mean training loss at the evaluation point nearest
+  ``steps // 5``. A learned optimizer meta-trained on horizons shorter than ``steps`` often
+  fails this; the meta-training ``max_horizon`` is reported when the checkpoint records it.
+
+Baseline runs are cached as JSON files, one per (baseline, learning rate), keyed by the task
+(name, overrides and resolved configuration, without ``data_dir``), ``steps``, ``seeds``, the
+baseline, the learning rate, ``eval_every``, ``num_eval_batches``, the package and JAX
+versions and the device kind (wall-clock times are only comparable on the same hardware), so a
+rerun, or a rerun with a wider learning-rate grid, only trains what is new.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_learned
+from metatrain import tasks as tasks_lib
+from metatrain.tasks import base
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+EVAL_SEED_OFFSET = 10_000
+STABILITY_TOLERANCE = 1.05
+DEFAULT_CACHE_DIR = "~/.cache/optax_learned/baselines"
+DEFAULT_NUM_EVAL_BATCHES = 10
+# The fixed key of the evaluation batches (the same for every optimizer, seed and run).
+_EVAL_BATCH_SEED = 987_654_321
+
+
+def sgd_momentum(learning_rate: float) -> optax.GradientTransformation:
+  """SGD with heavy-ball momentum 0.9."""
+  return optax.sgd(learning_rate, momentum=0.9)
+
+
+BASELINES: dict[str, Callable[[float], optax.GradientTransformation]] = {
+    "adam": optax.adam,
+    "sgd_momentum": sgd_momentum,
+    "rmsprop": optax.rmsprop,
+}
+
+
+def _log_grid(low: float, high: float, num: int) -> tuple[float, ...]:
+  return tuple(float(f"{lr:.3g}") for lr in np.logspace(math.log10(low), math.log10(high), num))
+
+
+# Half-decade grids of 7 learning rates.
+DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {
+    "adam": _log_grid(1e-4, 1e-1, 7),
+    "sgd_momentum": _log_grid(1e-3, 1.0, 7),
+    "rmsprop": _log_grid(1e-4, 1e-1, 7),
+}
+
+Run = dict[str, Any]
+LearningRates = Sequence[float] | Mapping[str, Sequence[float]]
+
+
+# -- training one transformation ----------------------------------------------------------
+
+
+def _make_train_step(task: base.Task, tx: optax.GradientTransformation) -> Callable:
+  """A jitted step ``(params, opt_state, loss_sum, t, batch_key, data) -> (.., loss_sum, t+1)``.
+
+  The batch key of step ``t`` is ``fold_in(batch_key, t)``; ``loss_sum`` accumulates the
+  minibatch losses on the device so that the loop never waits for them.
+  """
+
+  def step(params, opt_state, loss_sum, t, batch_key, data):
+    batch = task.sample_batch(data, jax.random.fold_in(batch_key, t), "train")
+    loss, grads = jax.value_and_grad(task.loss)(params, batch)
+    chex.assert_rank(loss, 0)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss_sum + loss, t + 1
+
+  return jax.jit(step, donate_argnums=(0, 1, 2, 3))
+
+
+@functools.lru_cache(maxsize=32)
+def _baseline_train_step(task: base.Task, baseline: str) -> Callable:
+  """One jitted step for every learning rate of a baseline: the rate lives in the state."""
+  return _make_train_step(task, _baseline(baseline, 1.0))
+
+
+def _baseline(name: str, learning_rate: float) -> optax.GradientTransformation:
+  """A baseline whose learning rate is stored in its state (``optax.inject_hyperparams``)."""
+  return optax.inject_hyperparams(BASELINES[name])(learning_rate=learning_rate)
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_fn(task: base.Task, num_batches: int) -> Callable:
+  """Jitted ``(params, data) -> {train_loss, valid_loss, accuracy}`` on fixed batches."""
+  keys = jax.random.split(jax.random.key(_EVAL_BATCH_SEED), num_batches)
+
+  def evaluate_params(params, data):
+    def on_batch(key, split):
+      batch = task.sample_batch(data, key, split)
+      return task.loss(params, batch), task.accuracy(params, batch)
+
+    train_loss, _ = jax.vmap(lambda k: on_batch(k, "train"))(keys)
+    valid_loss, accuracy = jax.vmap(lambda k: on_batch(k, "valid"))(keys)
+    return {"train_loss": jnp.mean(train_loss), "valid_loss": jnp.mean(valid_loss),
+            "accuracy": None if accuracy is None else jnp.mean(accuracy)}
+
+  return jax.jit(evaluate_params)
+
+
+def eval_steps(steps: int, eval_every: int) -> list[int]:
+  """The steps at which a run is evaluated: 0, every ``eval_every`` steps, and ``steps``."""
+  points = list(range(0, steps, eval_every))
+  return points + [steps]
+
+
+def evaluate_transformation(
+    tx: optax.GradientTransformation,
+    task: base.Task | str,
+    *,
+    steps: int = 1000,
+    seeds: int = 3,
+    eval_every: int | None = None,
+    num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES,
+    data: base.Data | None = None,
+    seed_offset: int = EVAL_SEED_OFFSET,
+) -> Run:
+  """Trains ``task`` with ``tx`` from several seeds and records learning curves.
+
+  Args:
+    tx: any Optax transformation; ``update`` is called with ``params``.
+    task: a task, or a name for :func:`metatrain.tasks.get_task`.
+    steps: training steps per seed.
+    seeds: number of seeds; seed ``s`` uses the PRNG key ``seed_offset + s``.
+    eval_every: steps between evaluations (default ``max(1, steps // 25)``).
+    num_eval_batches: fixed training and validation batches per evaluation.
+    data: the task's device data (default ``task.load_data()``).
+    seed_offset: added to the seed index; keep it away from meta-training seeds.
+
+  Returns:
+    A JSON-serialisable dict: ``steps`` (evaluation steps), ``seeds`` (PRNG seeds),
+    per-seed lists (one row per seed, one column per evaluation step) ``train_loss``,
+    ``train_loss_window`` (mean minibatch loss since the previous evaluation; NaN at step 0),
+    ``valid_loss``, ``accuracy`` (``None`` for tasks without accuracy) and ``seconds``
+    (cumulative training wall-clock); per seed ``seconds_per_step`` and ``diverged``;
+    ``compile_seconds`` (the warm-up); and ``mean``, the means over seeds of the curves
+    and of ``seconds_per_step``. Values after a divergence are NaN.
+  """
+  task = tasks_lib.get_task(task) if isinstance(task, str) else task
+  return _train(tx, _make_train_step(task, tx), task, steps=steps, seeds=seeds,
+                eval_every=eval_every, num_eval_batches=num_eval_batches, data=data,
+                seed_offset=seed_offset)
+
+
+def train_baseline(
+    name: str,
+    learning_rate: float,
+    task: base.Task | str,
+    **kwargs: Any,
+) -> Run:
+  """:func:`evaluate_transformation` of a baseline of :data:`BASELINES`.
+
+  The learning rate is injected into the optimizer state, so all learning rates of a
+  baseline share one compiled training step.
+
+  Args:
+    name: a key of :data:`BASELINES`.
+    learning_rate: its learning rate.
+    task: a task, or a name for :func:`metatrain.tasks.get_task`.
+    **kwargs: the keyword arguments of :func:`evaluate_transformation`.
+
+  Returns:
+    The run, as :func:`evaluate_transformation` returns it.
+  """
+  if name not in BASELINES:
+    raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
+  task = tasks_lib.get_task(task) if isinstance(task, str) else task
+  return _train(_baseline(name, learning_rate), _baseline_train_step(task, name), task,
+                **kwargs)
+
+
+def _train(tx: optax.GradientTransformation, train_step: Callable, task: base.Task, *,
+           steps: int = 1000, seeds: int = 3, eval_every: int | None = None,
+           num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES, data: base.Data | None = None,
+           seed_offset: int = EVAL_SEED_OFFSET) -> Run:
+  """:func:`evaluate_transformation` with a given jitted step (see ``_make_train_step``)."""
+  eval_every = default_eval_every(steps) if eval_every is None else eval_every
+  _check_positive(steps=steps, seeds=seeds, eval_every=eval_every,
+                  num_eval_batches=num_eval_batches)
+  data = task.load_data() if data is None else data
+  points = eval_steps(steps, eval_every)
+  evaluate_params = _eval_fn(task, num_eval_batches)
+
+  # Warm-up on copies: compiles the step for the initial state and for its outputs (which
+  # may differ in weak types), and the evaluation.
+  start = time.perf_counter()
+  init_key, batch_key = jax.random.split(jax.random.key(seed_offset))
+  params = task.init_params(init_key)
+  state = (params, tx.init(params), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+  for _ in range(2):
+    state = train_step(*jax.tree.map(jnp.copy, state), batch_key, data)
+  jax.block_until_ready(evaluate_params(state[0], data))
+  compile_seconds = time.perf_counter() - start
+
+  records = [_train_seed(task, tx, train_step, evaluate_params, data, points, seed_offset + s)
+             for s in range(seeds)]
+  run: Run = {key: [r[key] for r in records] for key in records[0]}
+  run = {"steps": points, "seeds": run.pop("seed"), **run, "compile_seconds": compile_seconds}
+  if all(a is None for a in run["accuracy"]):
+    run["accuracy"] = None
+  run["mean"] = mean_curves(run)
+  return run
+
+
+def _train_seed(task: base.Task, tx: optax.GradientTransformation, train_step: Callable,
+                evaluate_params: Callable, data: base.Data, points: list[int],
+                seed: int) -> dict[str, Any]:
+  """One seed's curves; see :func:`evaluate_transformation`."""
+  init_key, batch_key = jax.random.split(jax.random.key(seed))
+  params = task.init_params(init_key)
+  chex.assert_tree_all_finite(params)
+  # Copies: the step donates its inputs, and an initial state may share buffers.
+  params, opt_state = jax.tree.map(jnp.copy, (params, tx.init(params)))
+  t = jnp.zeros([], jnp.int32)
+  nan = float("nan")
+  curves = {name: [nan] * len(points) for name in
+            ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds")}
+  seconds, has_accuracy, diverged, done = 0.0, True, False, 0
+
+  for i, point in enumerate(points):
+    if i > 0:
+      loss_sum = jnp.zeros([], jnp.float32)
+      start = time.perf_counter()
+      for _ in range(point - points[i - 1]):
+        params, opt_state, loss_sum, t = train_step(params, opt_state, loss_sum, t, batch_key,
+                                                    data)
+      jax.block_until_ready((params, opt_state, loss_sum))
+      seconds += time.perf_counter() - start
+      done = point
+      curves["train_loss_window"][i] = float(loss_sum) / (point - points[i - 1])
+    metrics = jax.device_get(evaluate_params(params, data))
+    curves["seconds"][i] = seconds
+    curves["train_loss"][i] = float(metrics["train_loss"])
+    curves["valid_loss"][i] = float(metrics["valid_loss"])
+    has_accuracy = metrics["accuracy"] is not None
+    if has_accuracy:
+      curves["accuracy"][i] = float(metrics["accuracy"])
+    if not (math.isfinite(curves["train_loss"][i]) and math.isfinite(curves["valid_loss"][i])):
+      diverged = True
+      logger.info("seed %d diverged at step %d; stopping this run", seed, point)
+      break
+
+  return {"seed": seed, **curves, "accuracy": curves["accuracy"] if has_accuracy else None,
+          "seconds_per_step": seconds / done if done else nan, "diverged": diverged}
+
+
+def mean_curves(run: Run) -> dict[str, Any]:
+  """Means over seeds of a run's curves (lists) and of its ``seconds_per_step`` (a float)."""
+  means = {}
+  for name in ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds"):
+    if run.get(name) is not None:
+      means[name] = np.mean(_array(run[name]), axis=0).tolist()
+  means["seconds_per_step"] = float(np.mean(_array(run["seconds_per_step"])))
+  return means
+
+
+# -- summary math -------------------------------------------------------------------------
+
+
+def time_to_target(steps: Sequence[float], seconds: Sequence[float], losses: Sequence[float],
+                   target: float) -> tuple[float | None, float | None]:
+  """Step and seconds at which ``losses`` first reach ``target``, interpolated linearly.
+
+  Args:
+    steps: evaluation steps, increasing.
+    seconds: cumulative training seconds at those steps.
+    losses: the loss curve at those steps (NaN never reaches the target).
+    target: the loss to reach.
+
+  Returns:
+    ``(step, seconds)``, or ``(None, None)`` if the curve never reaches ``target``.
+  """
+  steps, seconds, losses = _array(steps), _array(seconds), _array(losses)
+  chex.assert_equal_shape([steps, seconds, losses])
+  if not math.isfinite(target):
+    return None, None
+  reached = np.flatnonzero(losses <= target)
+  if reached.size == 0:
+    return None, None
+  i = int(reached[0])
+  if i == 0 or not math.isfinite(losses[i - 1]):
+    return float(steps[i]), float(seconds[i])
+  fraction = (losses[i - 1] - target) / (losses[i - 1] - losses[i])  # in (0, 1]
+  return (float(steps[i - 1] + fraction * (steps[i] - steps[i - 1])),
+          float(seconds[i - 1] + fraction * (seconds[i] - seconds[i - 1])))
+
+
+def stability(run: Run, total_steps: int) -> dict[str, Any]:
+  """The ``diverged`` and ``stable`` flags of a run (see the module docstring)."""
+  train = _array(run["train_loss"])
+  valid = _array(run["valid_loss"])
+  diverged = bool(not np.all(np.isfinite(train)) or not np.all(np.isfinite(valid)))
+  mean_train = np.mean(train, axis=0)
+  steps = np.asarray(run["steps"])
+  reference = int(np.argmin(np.abs(steps - total_steps // 5)))
+  stable = bool(not diverged
+                and mean_train[-1] <= STABILITY_TOLERANCE * mean_train[reference])
+  return {"diverged": diverged, "stable": stable, "reference_step": int(steps[reference]),
+          "reference_train_loss": float(mean_train[reference])}
+
+
+def final_metrics(run: Run) -> dict[str, Any]:
+  """Final mean training loss, validation loss, accuracy and seconds per step of a run."""
+  mean = run["mean"]
+  return {"final_train_loss": _final(mean["train_loss"]),
+          "final_valid_loss": _final(mean["valid_loss"]),
+          "final_accuracy": _final(mean["accuracy"]) if "accuracy" in mean else None,
+          "seconds_per_step": mean["seconds_per_step"]}
+
+
+def best_learning_rate(runs: Mapping[float, Run]) -> float:
+  """The learning rate whose run has the lowest final mean validation loss (NaN: worst)."""
+  scores = {lr: _sort_key(final_metrics(run)["final_valid_loss"]) for lr, run in runs.items()}
+  return min(scores, key=scores.get)
+
+
+def compare(learned: Run, baseline: Run) -> dict[str, Any]:
+  """Time to the baseline's final training loss, for both runs, and final metrics."""
+  base_metrics, learned_metrics = final_metrics(baseline), final_metrics(learned)
+  target = base_metrics["final_train_loss"]
+  base_steps, base_seconds = time_to_target(
+      baseline["steps"], baseline["mean"]["seconds"], baseline["mean"]["train_loss"], target)
+  steps, seconds = time_to_target(
+      learned["steps"], learned["mean"]["seconds"], learned["mean"]["train_loss"], target)
+  return {
+      "target_train_loss": target,
+      "steps_to_target": steps, "seconds_to_target": seconds,
+      "baseline_steps_to_target": base_steps, "baseline_seconds_to_target": base_seconds,
+      "steps_ratio": _ratio(steps, base_steps), "seconds_ratio": _ratio(seconds, base_seconds),
+      **learned_metrics,
+      **{f"baseline_{k}": v for k, v in base_metrics.items()},
+  }
+
+
+# -- the full evaluation ------------------------------------------------------------------
+
+
+def evaluate(
+    optimizer: str | os.PathLike | None,
+    task: str,
+    *,
+    steps: int = 1000,
+    seeds: int = 3,
+    out_dir: str | os.PathLike,
+    baselines: tuple[str, ...] = ("adam", "sgd_momentum", "rmsprop"),
+    learning_rates: LearningRates | None = None,
+    eval_every: int | None = None,
+    data_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    task_overrides: dict[str, Any] | None = None,
+    num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES,
+    use_cache: bool = True,
+) -> dict[str, Any]:
+  """Evaluates a learned optimizer against baselines tuned over learning-rate grids.
+
+  See the module docstring for the protocol.
+
+  Args:
+    optimizer: a bundled name or checkpoint path for :func:`optax_learned.load`, or ``None``
+      to evaluate the baselines only.
+    task: a task name (see :func:`metatrain.tasks.task_names`).
+    steps: training steps per run.
+    seeds: seeds per optimizer and learning rate.
+    out_dir: where ``results.json``, ``results.md``, ``loss_vs_step.png`` and
+      ``loss_vs_time.png`` are written (created if needed).
+    baselines: keys of :data:`BASELINES`.
+    learning_rates: one grid for every baseline, or a mapping from baseline to grid;
+      default :data:`DEFAULT_LEARNING_RATES`.
+    eval_every: steps between evaluations (default ``max(1, steps // 25)``).
+    data_dir: data source for tasks with a ``data_dir`` field (ignored by the others).
+    cache_dir: the baseline cache (default :data:`DEFAULT_CACHE_DIR`).
+    task_overrides: fields replaced in the task, e.g. ``{"batch_size": 64}``.
+    num_eval_batches: fixed training and validation batches per evaluation.
+    use_cache: read and write the baseline cache.
+
+  Returns:
+    The contents of ``results.json``: ``task``, ``protocol``, ``environment``, ``learned``
+    (``None`` without ``optimizer``), ``baselines`` (per baseline: the grid, the runs per
+    learning rate, the chosen one) and ``summary``.
+
+  Raises:
+    ValueError: an unknown task or baseline, an invalid grid or non-positive counts.
+  """
+  eval_every = default_eval_every(steps) if eval_every is None else eval_every
+  _check_positive(steps=steps, seeds=seeds, eval_every=eval_every,
+                  num_eval_batches=num_eval_batches)
+  unknown = sorted(set(baselines) - set(BASELINES))
+  if unknown:
+    raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+  grids = {name: _grid(name, learning_rates) for name in baselines}
+  overrides = dict(task_overrides or {})
+  task_obj = tasks_lib.get_task(task, **overrides)
+  if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(task_obj)}:
+    task_obj = dataclasses.replace(task_obj, data_dir=data_dir)
+  data = task_obj.load_data()
+  cache = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() if use_cache else None
+  protocol = {"steps": steps, "seeds": seeds, "eval_every": eval_every,
+              "num_eval_batches": num_eval_batches,
+              "eval_seeds": [EVAL_SEED_OFFSET + s for s in range(seeds)],
+              "stability_tolerance": STABILITY_TOLERANCE}
+  train_kwargs = dict(steps=steps, seeds=seeds, eval_every=eval_every,
+                      num_eval_batches=num_eval_batches, data=data)
+
+  baseline_results = {}
+  for name in baselines:
+    runs, cached = {}, []
+    for lr in grids[name]:
+      key = _cache_key(task, overrides, task_obj, name, lr, protocol)
+      run = _cache_read(cache, key) if cache else None
+      cached.append(run is not None)
+      if run is None:
+        logger.info("training %s lr=%g on %s", name, lr, task)
+        run = train_baseline(name, lr, task_obj, **train_kwargs)
+        if cache:
+          _cache_write(cache, key, run)
+      runs[lr] = run
+    best = best_learning_rate(runs)
+    baseline_results[name] = {
+        "learning_rates": list(grids[name]),
+        "best_learning_rate": best,
+        "best_at_grid_edge": best in (grids[name][0], grids[name][-1]) and len(grids[name]) > 1,
+        "final_valid_loss_by_lr": {_lr_key(lr): final_metrics(r)["final_valid_loss"]
+                                   for lr, r in runs.items()},
+        "cached": cached,
+        "runs": {_lr_key(lr): r for lr, r in runs.items()},
+    }
+
+  learned = None
+  if optimizer is not None:
+    logger.info("training the learned optimizer %s on %s", optimizer, task)
+    run = evaluate_transformation(optax_learned.load(optimizer), task_obj, **train_kwargs)
+    learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer), "run": run}
+
+  results = {
+      "schema_version": SCHEMA_VERSION,
+      "task": {"name": task, "overrides": _jsonable(overrides),
+               "config": _task_config(task_obj)},
+      "protocol": protocol,
+      "environment": _environment(),
+      "learned": learned,
+      "baselines": baseline_results,
+  }
+  results["summary"] = summarize(results)
+  write_outputs(results, out_dir)
+  return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+  """The summary of :func:`evaluate`'s results: tuned baselines, best one, comparisons."""
+  steps = results["protocol"]["steps"]
+  tuned = {name: b["runs"][_lr_key(b["best_learning_rate"])]
+           for name, b in results["baselines"].items()}
+  baselines = {}
+  for name, run in tuned.items():
+    metrics = final_metrics(run)
+    reach = time_to_target(run["steps"], run["mean"]["seconds"], run["mean"]["train_loss"],
+                           metrics["final_train_loss"])
+    baselines[name] = {"learning_rate": results["baselines"][name]["best_learning_rate"],
+                       **metrics, "steps_to_final_train_loss": reach[0],
+                       "seconds_to_final_train_loss": reach[1], **stability(run, steps)}
+  best = (min(baselines, key=lambda n: _sort_key(baselines[n]["final_valid_loss"]))
+          if baselines else None)
+  summary: dict[str, Any] = {"best_baseline": best, "baselines": baselines,
+                             "learned": None, "comparisons": {}, "vs_best": None}
+  if results["learned"] is not None:
+    run = results["learned"]["run"]
+    horizon = results["learned"]["horizon"]
+    summary["learned"] = {**final_metrics(run), **stability(run, steps), "horizon": horizon,
+                          "steps_exceed_horizon": None if horizon is None else steps > horizon}
+    summary["comparisons"] = {name: compare(run, base) for name, base in tuned.items()}
+    if best is not None:
+      summary["vs_best"] = {"baseline": best, **summary["comparisons"][best]}
+  return summary
+
+
+# -- outputs ------------------------------------------------------------------------------
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
+  """Writes ``results.json``, ``results.md``, ``loss_vs_step.png`` and ``loss_vs_time.png``."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  _atomic_write(out / "results.json", json.dumps(_jsonable(results), indent=1, allow_nan=False))
+  _atomic_write(out / "results.md", markdown(results))
+  _plot(results, out / "loss_vs_step.png", x="steps")
+  _plot(results, out / "loss_vs_time.png", x="seconds")
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """A Markdown report of :func:`evaluate`'s results."""
+  summary, protocol = results["summary"], results["protocol"]
+  lines = [
+      f"# Evaluation on `{results['task']['name']}`", "",
+      f"{protocol['steps']} steps, {protocol['seeds']} seed(s) (PRNG seeds "
+      f"{protocol['eval_seeds'][0]}+), evaluation every {protocol['eval_every']} steps on "
+      f"{protocol['num_eval_batches']} fixed training and validation batches. Losses are means "
+      f"over seeds; seconds count training steps only. Device: "
+      f"{results['environment']['device_kind']}.", "",
+      "| optimizer | learning rate | final train loss | final valid loss | valid accuracy "
+      "| ms / step | stable |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  rows = []
+  if summary["learned"] is not None:
+    rows.append((f"learned (`{results['learned']['optimizer']}`)", "-", summary["learned"]))
+  for name, entry in summary["baselines"].items():
+    marker = " (best)" if name == summary["best_baseline"] else ""
+    rows.append((f"{name}{marker}", f"{entry['learning_rate']:g}", entry))
+  for label, lr, e in rows:
+    stable = "diverged" if e["diverged"] else ("yes" if e["stable"] else "no")
+    lines.append(f"| {label} | {lr} | {_fmt(e['final_train_loss'])} | "
+                 f"{_fmt(e['final_valid_loss'])} | {_fmt(e['final_accuracy'])} | "
+                 f"{_fmt(1e3 * e['seconds_per_step'], '.2f')} | {stable} |")
+  if summary["comparisons"]:
+    lines += [
+        "", "## Learned optimizer vs tuned baselines", "",
+        "Target: each baseline's final training loss. Ratios are learned / baseline (below 1: "
+        "the learned optimizer reaches the target sooner).", "",
+        "| baseline | target | baseline steps | learned steps | step ratio | baseline s "
+        "| learned s | time ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in summary["comparisons"].items():
+      lines.append(
+          f"| {name} | {_fmt(c['target_train_loss'])} | "
+          f"{_fmt(c['baseline_steps_to_target'], '.0f')} | {_fmt(c['steps_to_target'], '.0f')} "
+          f"| {_fmt(c['steps_ratio'], '.2f')} | {_fmt(c['baseline_seconds_to_target'], '.3g')} "
+          f"| {_fmt(c['seconds_to_target'], '.3g')} | {_fmt(c['seconds_ratio'], '.2f')} |")
+    learned = summary["learned"]
+    if learned["horizon"] is not None:
+      lines += ["", f"Meta-training horizon: {learned['horizon']} steps."]
+  lines += ["", "## Learning-rate sweeps (final validation loss)", ""]
+  for name, b in results["baselines"].items():
+    cells = [f"**{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}**"
+             if lr == b["best_learning_rate"]
+             else f"{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}"
+             for lr in b["learning_rates"]]
+    edge = " (best at the grid's edge: widen the grid)" if b["best_at_grid_edge"] else ""
+    lines.append(f"- {name}: " + ", ".join(cells) + edge)
+  return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
+  """Mean training and validation loss of every tuned optimizer against steps or seconds."""
+  import matplotlib  # noqa: PLC0415 (only when writing outputs)
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  curves = []
+  if results["learned"] is not None:
+    curves.append(("learned", results["learned"]["run"], {"color": "k", "linewidth": 2}))
+  for name, b in results["baselines"].items():
+    lr = b["best_learning_rate"]
+    curves.append((f"{name} (lr={lr:g})", b["runs"][_lr_key(lr)], {}))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
+                               ("training loss", "validation loss"), strict=True):
+    values = []
+    for label, run, style in curves:
+      xs = run["steps"] if x == "steps" else run["mean"]["seconds"]
+      ys = _array(run["mean"][metric])
+      values.append(ys[np.isfinite(ys)])
+      ax.plot(xs, ys, label=label, **style)
+    finite = np.concatenate(values) if values else np.zeros(0)
+    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+      ax.set_yscale("log")
+    ax.set_xlabel("step" if x == "steps" else "training seconds")
+    ax.set_title(f"{results['task']['name']}: {title}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# -- cache --------------------------------------------------------------------------------
+
+
+def _cache_key(task: str, overrides: dict[str, Any], task_obj: base.Task, baseline: str,
+               learning_rate: float, protocol: dict[str, Any]) -> dict[str, Any]:
+  return _jsonable({
+      "schema_version": SCHEMA_VERSION,
+      "task": task, "task_overrides": {k: v for k, v in overrides.items() if k != "data_dir"},
+      "task_config": _task_config(task_obj),
+      "steps": protocol["steps"], "seeds": protocol["seeds"],
+      "eval_every": protocol["eval_every"], "num_eval_batches": protocol["num_eval_batches"],
+      "baseline": baseline, "learning_rate": learning_rate,
+      "package_version": optax_learned.__version__, "jax_version": jax.__version__,
+      "optax_version": optax.__version__, "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
+  })
+
+
+def _cache_path(cache: pathlib.Path, key: dict[str, Any]) -> pathlib.Path:
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  return cache / f"{key['task']}-{key['baseline']}-{digest}.json"
+
+
+def _cache_read(cache: pathlib.Path, key: dict[str, Any]) -> Run | None:
+  path = _cache_path(cache, key)
+  try:
+    entry = json.loads(path.read_text())
+  except FileNotFoundError:
+    return None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    logger.warning("ignoring unreadable baseline cache file %s: %s", path, e)
+    return None
+  if not isinstance(entry, dict) or entry.get("key") != key or "run" not in entry:
+    logger.warning("ignoring baseline cache file %s: its key does not match", path)
+    return None
+  logger.info("cached: %s lr=%g", key["baseline"], key["learning_rate"])
+  return _from_json(entry["run"])
+
+
+def _cache_write(cache: pathlib.Path, key: dict[str, Any], run: Run) -> None:
+  cache.mkdir(parents=True, exist_ok=True)
+  entry = {"key": key, "hostname": platform.node(), "created": time.time(), "run": run}
+  _atomic_write(_cache_path(cache, key), json.dumps(_jsonable(entry), allow_nan=False))
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def default_eval_every(steps: int) -> int:
+  """The default evaluation interval: 25 evaluations after the initial one."""
+  return max(1, steps // 25)
+
+
+def _grid(name: str, learning_rates: LearningRates | None) -> tuple[float, ...]:
+  if learning_rates is None:
+    grid = DEFAULT_LEARNING_RATES[name]
+  elif isinstance(learning_rates, Mapping):
+    grid = learning_rates.get(name, DEFAULT_LEARNING_RATES[name])
+  else:
+    grid = learning_rates
+  grid = tuple(sorted(float(lr) for lr in grid))
+  if not grid or any(not (math.isfinite(lr) and lr > 0) for lr in grid):
+    raise ValueError(f"learning rates of {name} must be positive and finite, got {grid}")
+  if len(set(grid)) != len(grid):
+    raise ValueError(f"learning rates of {name} must be distinct, got {grid}")
+  return grid
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _task_config(task: base.Task) -> dict[str, Any]:
+  config = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name != "data_dir"}
+  return _jsonable({"class": type(task).__name__, **config})
+
+
+def _horizon(optimizer: str | os.PathLike) -> int | None:
+  """The meta-training ``max_horizon`` recorded in a checkpoint's metadata, if any."""
+  try:
+    config = optax_learned.load_metadata(optimizer).get("training_config") or {}
+  except optax_learned.CheckpointError:
+    return None
+  horizon = config.get("max_horizon") if isinstance(config, dict) else None
+  return horizon if isinstance(horizon, int) and not isinstance(horizon, bool) else None
+
+
+def _environment() -> dict[str, Any]:
+  return {"package_version": optax_learned.__version__, "jax_version": jax.__version__,
+          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "cpu_count": os.cpu_count(), "hostname": platform.node()}
+
+
+def _lr_key(learning_rate: float) -> str:
+  return repr(float(learning_rate))
+
+
+def _array(values: Any) -> np.ndarray:
+  """A float array; ``None`` entries (NaN in JSON) become NaN."""
+  return np.asarray(values, dtype=np.float64)
+
+
+def _final(curve: Sequence[float]) -> float:
+  return float(_array(curve)[-1])
+
+
+def _sort_key(value: float) -> float:
+  return value if math.isfinite(value) else math.inf
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None or b <= 0 else a / b
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return format(value, spec)
+
+
+def _jsonable(value: Any) -> Any:
+  """Strict-JSON form: tuples to lists, numpy scalars to Python, NaN and infinities to None."""
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  return value
+
+
+def _from_json(run: Run) -> Run:
+  """A run read back from JSON: ``None`` inside float curves becomes NaN."""
+  float_lists = ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds")
+  run = dict(run)
+  for name in float_lists:
+    if run.get(name) is not None:
+      run[name] = _array(run[name]).tolist()
+  run["seconds_per_step"] = _array(run["seconds_per_step"]).tolist()
+  run["mean"] = {k: (_array(v).tolist() if isinstance(v, list) else
+                     float("nan") if v is None else v) for k, v in run["mean"].items()}
+  return run
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+    f.write(text)
+  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates files readable by the owner only
+  os.replace(f.name, path)
