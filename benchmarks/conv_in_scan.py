@@ -27,12 +27,15 @@ LOG_LR = math.log(0.1)
 
 
 def _time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-  """Returns (compile + first call seconds, best seconds of ``repeats`` later calls)."""
+  """Returns (compile + first call seconds, best seconds of later calls).
+
+  Calls ``repeats`` more times, or once when the first call took over 10 seconds.
+  """
   start = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - start
   best = float("inf")
-  for _ in range(repeats):
+  for _ in range(repeats if first < 10.0 else 1):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - start)

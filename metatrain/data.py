@@ -5,7 +5,9 @@ Sources, in order of precedence:
 1. A local directory holding ``cifar10_train.npz`` (and optionally ``cifar10_test.npz``), each
    with keys ``x`` (uint8, ``[N, 32, 32, 3]``, NHWC) and ``y`` (integer labels ``[N]``), given
    as ``source`` or through the environment variable ``OPTAX_LEARNED_DATA``.
-2. TFDS ``cifar10`` (``pip install tensorflow-datasets``), imported only when used.
+2. TFDS ``cifar10`` (``pip install tensorflow-datasets``), imported only when used; prepared
+   data is looked for under ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` before TFDS is
+   touched, because building a TFDS builder for missing data may query remote storage.
 
 The validation split is always the last ``validation_size`` rows of the training split, so it
 is disjoint from the rows returned as ``"train"``. Nothing is downloaded unless
