@@ -221,7 +221,8 @@ class Estimator:
       return EstimatorState(positive=positive)
     zeros = jax.tree.map(lambda p: jnp.zeros((cfg.num_particles,) + p.shape, p.dtype),
                          meta_params)
-    return EstimatorState(positive=positive, negative=positive, accumulated=zeros)
+    negative = jax.tree.map(jnp.copy, positive)  # its own buffers (donation-safe)
+    return EstimatorState(positive=positive, negative=negative, accumulated=zeros)
 
   def _unroll(self, theta, state, data):
     return jax.vmap(truncation_lib.unroll, in_axes=(None, None, None, 0, 0, None))(

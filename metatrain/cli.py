@@ -1,0 +1,149 @@
+"""The ``metatrain`` command line: train, export, evaluate, diagnose and list.
+
+Run ``metatrain COMMAND --help`` for every option of a command.
+"""
+
+import argparse
+import json
+import sys
+
+from metatrain import configs
+
+_DATA_HELP = ("directory holding cifar10_train.npz (and optionally cifar10_test.npz) for CIFAR "
+              "tasks; default: $OPTAX_LEARNED_DATA, else TFDS")
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", required=True, choices=sorted(configs.CONFIGS),
+                      help="named recipe to start from (see `metatrain list`)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set estimator=merged --set sigma=0.003 "
+                           "--set optimizer.hidden_sizes=[16]; values parse as JSON when they "
+                           "can (repeatable)")
+  parser.add_argument("--data-dir", default=None, help=_DATA_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The argument parser of every subcommand (also used to generate the CLI reference)."""
+  parser = argparse.ArgumentParser(
+      prog="metatrain", description="Meta-train learned optimizers (Metz et al. 2019) and "
+      "evaluate them against tuned baselines.")
+  commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  train = commands.add_parser(
+      "train", help="run or resume meta-training",
+      description="Meta-train a learned optimizer. DIR gets config.json, metrics.jsonl, "
+      "metrics.png and Orbax checkpoints; calling again with the same DIR resumes from the "
+      "last finished checkpoint (a different config is refused).")
+  _add_config_options(train)
+  train.add_argument("--workdir", required=True, help="directory of the run (created if absent)")
+  train.add_argument("--steps", type=int, default=None,
+                     help="meta-steps to reach in all (default: the config's `steps`)")
+  train.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() first (multi-host runs; the "
+                          "coordinator comes from the environment, see the JAX docs)")
+  train.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
+                     help="a progress bar (terminal) or plain log lines (default: auto)")
+
+  export = commands.add_parser(
+      "export", help="write a run's weights as an optax_learned checkpoint",
+      description="Export the latest checkpoint of a run for optax_learned.load(PATH).")
+  export.add_argument("--workdir", required=True, help="the run's directory")
+  export.add_argument("--out", required=True, help="checkpoint directory to write")
+  export.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+
+  evaluate = commands.add_parser(
+      "evaluate", help="train a task with an optimizer and tuned baselines",
+      description="Train TASK with a learned optimizer beside learning-rate-tuned Adam, "
+      "SGD with momentum and RMSProp; writes results.json, results.md and plots to OUT.")
+  evaluate.add_argument("--optimizer", default=None,
+                        help="bundled name or checkpoint path (omit for baselines only)")
+  evaluate.add_argument("--task", required=True, help="task name (see `metatrain list`)")
+  evaluate.add_argument("--steps", type=int, default=1000, help="training steps per run")
+  evaluate.add_argument("--seeds", type=int, default=3, help="seeds per optimizer setting")
+  evaluate.add_argument("--out", required=True, help="output directory")
+  evaluate.add_argument("--baselines", default="adam,sgd_momentum,rmsprop",
+                        help="comma-separated baselines to tune (empty for none)")
+  evaluate.add_argument("--eval-every", type=int, default=None,
+                        help="steps between validation measurements")
+  evaluate.add_argument("--cache-dir", default=None,
+                        help="where baseline results are cached (default ~/.cache/optax_learned)")
+  evaluate.add_argument("--data-dir", default=None, help=_DATA_HELP)
+
+  diagnose = commands.add_parser(
+      "diagnose", help="measure the pathologies of truncated unrolls",
+      description="Meta-loss along a 1-D slice of the optimizer weights for several unroll "
+      "lengths, the pathwise gradient norm and each estimator's variance against unroll "
+      "length; writes diagnostics.json and PNG plots to OUT.")
+  _add_config_options(diagnose)
+  diagnose.add_argument("--out", required=True, help="output directory")
+  diagnose.add_argument("--optimizer", default=None,
+                        help="analyse these weights (bundled name or checkpoint path) instead "
+                             "of a fresh initialisation")
+
+  commands.add_parser("list", help="list configs and tasks",
+                      description="Print the named configs and tasks, one line each.")
+  return parser
+
+
+def _run_config(args) -> configs.RunConfig:
+  return configs.get_config(args.config).with_overrides(args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Entry point of the ``metatrain`` console script."""
+  args = build_parser().parse_args(argv)
+  try:
+    return _dispatch(args)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    print(f"metatrain {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _dispatch(args) -> int:
+  if args.command == "list":
+    from metatrain.tasks import task_names  # pylint: disable=import-outside-toplevel
+    print("configs:")
+    for name, (_, description) in sorted(configs.CONFIGS.items()):
+      print(f"  {name:20s} {description}")
+    print("tasks:")
+    for name, description in task_names().items():
+      print(f"  {name:20s} {description}")
+    return 0
+  if args.command == "train":
+    config = _run_config(args)
+    import jax  # pylint: disable=import-outside-toplevel
+    if args.distributed:
+      jax.distributed.initialize()
+    from metatrain import trainer  # pylint: disable=import-outside-toplevel
+    progress = {"auto": None, "bar": True, "lines": False}[args.progress]
+    runner = trainer.MetaTrainer(config, args.workdir, data_dir=args.data_dir, progress=progress)
+    state = runner.train(args.steps)
+    print(f"meta-trained to step {int(state['step'])}; checkpoints in {args.workdir}")
+    return 0
+  if args.command == "export":
+    from metatrain import trainer  # pylint: disable=import-outside-toplevel
+    path = trainer.export(args.workdir, args.out, overwrite=args.overwrite)
+    print(f"exported to {path}")
+    return 0
+  if args.command == "evaluate":
+    from metatrain import evaluation  # pylint: disable=import-outside-toplevel
+    baselines = tuple(b for b in args.baselines.split(",") if b)
+    kwargs = {"eval_every": args.eval_every} if args.eval_every else {}
+    results = evaluation.evaluate(args.optimizer, args.task, steps=args.steps, seeds=args.seeds,
+                                  out_dir=args.out, baselines=baselines, data_dir=args.data_dir,
+                                  cache_dir=args.cache_dir, **kwargs)
+    print(json.dumps(results.get("summary", {}), indent=2, default=str))
+    return 0
+  if args.command == "diagnose":
+    from metatrain import diagnostics  # pylint: disable=import-outside-toplevel
+    meta_params = None
+    if args.optimizer:
+      import optax_learned  # pylint: disable=import-outside-toplevel
+      _, meta_params = optax_learned.load_weights(args.optimizer)
+    diagnostics.diagnose(_run_config(args), args.out, data_dir=args.data_dir,
+                         meta_params=meta_params)
+    print(f"diagnostics written to {args.out}")
+    return 0
+  raise AssertionError(args.command)

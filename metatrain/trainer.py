@@ -1,0 +1,336 @@
+"""The meta-training loop: resumable, observable and sharded over devices.
+
+A run lives in a work directory::
+
+  workdir/
+    config.json      # the RunConfig; a resume with a different config is refused
+    metrics.jsonl    # one JSON object per logged meta-step
+    metrics.png      # the curves, redrawn at every checkpoint
+    checkpoints/     # Orbax CheckpointManager: everything needed to continue
+
+Each meta-step is one jitted function: estimate the meta-gradient, skip it if it is not
+finite (counted), else apply clipped Adam. Randomness derives from ``(seed, step)`` only, so
+a run interrupted at any point and resumed from its last checkpoint computes exactly what an
+uninterrupted run computes. The particle axis of the estimator states (task instances times
+antithetic pairs) is sharded over all devices of a 1-D mesh; on many hosts call
+``jax.distributed.initialize()`` first (``metatrain train --distributed``) and the mesh spans
+every host's devices.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import optax_learned
+from metatrain import estimators
+from metatrain import plots
+from metatrain.configs import RunConfig
+from metatrain.tasks import base
+from metatrain.tasks import families
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class WorkdirError(RuntimeError):
+  """A work directory that cannot be used: unwritable, or holding another run."""
+
+
+def build_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Task]:
+  """The task variants of a run: one named task, or samples of a task family.
+
+  Args:
+    config: the run.
+    data_dir: where datasets are, for tasks that read one (``None``: their default).
+  """
+  overrides = dict(config.task_overrides)
+  if config.task_family:
+    family = families.get_family(config.task_family, **_lists_to_tuples(overrides))
+    if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(family)}:
+      family = dataclasses.replace(family, data_dir=data_dir)
+    return [family.sample(config.seed * 1000 + i) for i in range(config.num_task_variants)]
+  task = families.get_task(config.task, **_lists_to_tuples(overrides))
+  if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(task)}:
+    task = dataclasses.replace(task, data_dir=data_dir)
+  return [task]
+
+
+def _lists_to_tuples(values: dict[str, Any]) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class MetaTrainer:
+  """Runs, checkpoints and resumes meta-training for one :class:`RunConfig`.
+
+  Example:
+    >>> trainer = MetaTrainer(get_config("quadratic"), "/tmp/run")
+    >>> state = trainer.train()
+  """
+
+  def __init__(self, config: RunConfig, workdir: str | os.PathLike, *,
+               data_dir: str | None = None, devices: list | None = None,
+               progress: bool | None = None):
+    self.config = config
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.lopt = optax_learned.LearnedOptimizer(**config.optimizer)
+    self.tasks = build_tasks(config, data_dir)
+    self.estimators = [estimators.Estimator(task, self.lopt, config.estimator_config())
+                       for task in self.tasks]
+    self.data = [task.load_data() for task in self.tasks]
+    self.meta_optimizer = optax.chain(optax.clip_by_global_norm(config.meta_grad_clip),
+                                      optax.adam(config.meta_learning_rate))
+    devices = jax.devices() if devices is None else devices
+    num_particles = config.estimator_config().num_particles
+    if num_particles % len(devices):
+      raise ValueError(f"num_tasks * num_pairs = {num_particles} must be divisible by the "
+                       f"number of devices ({len(devices)})")
+    self.mesh = Mesh(np.asarray(devices), ("particles",))
+    self.progress = sys.stderr.isatty() if progress is None else progress
+    self._step_fns = [jax.jit(functools.partial(self._meta_step, slot), donate_argnums=0)
+                      for slot in range(len(self.tasks))]
+
+  # -- state ------------------------------------------------------------------------------
+
+  def init_state(self) -> dict[str, Any]:
+    """The state at meta-step 0: weights, meta-optimizer and every estimator's inner runs."""
+    init_key, *slot_keys = jax.random.split(jax.random.PRNGKey(self.config.seed),
+                                            len(self.tasks) + 1)
+    meta_params = self.lopt.init(init_key)
+    return {
+        "step": jnp.zeros([], jnp.int32),
+        "meta_params": meta_params,
+        "meta_opt_state": self.meta_optimizer.init(meta_params),
+        "estimator_states": [est.init(meta_params, key, data) for est, key, data in
+                             zip(self.estimators, slot_keys, self.data)],
+        "counters": {"skipped_nonfinite": jnp.zeros([], jnp.int32),
+                     "divergences": jnp.zeros([], jnp.float32),
+                     "resets": jnp.zeros([], jnp.float32)},
+    }
+
+  def shardings(self, state: dict[str, Any]) -> dict[str, Any]:
+    """Particle-axis sharding for estimator states; everything else replicated."""
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    particles = NamedSharding(self.mesh, PartitionSpec("particles"))
+    return {key: jax.tree.map(lambda _, s=(particles if key == "estimator_states"
+                                           else replicated): s, value)
+            for key, value in state.items()}
+
+  def _meta_step(self, slot: int, state: dict[str, Any], data: base.Data):
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
+    gradient, est_state, diagnostics = self.estimators[slot].estimate(
+        state["meta_params"], state["estimator_states"][slot], key, data)
+    finite = _all_finite(gradient)
+    updates, opt_state = self.meta_optimizer.update(gradient, state["meta_opt_state"],
+                                                    state["meta_params"])
+    meta_params = optax.apply_updates(state["meta_params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    est_states = list(state["estimator_states"])
+    est_states[slot] = est_state
+    counters = state["counters"]
+    new_state = {
+        "step": state["step"] + 1,
+        "meta_params": keep(meta_params, state["meta_params"]),
+        "meta_opt_state": keep(opt_state, state["meta_opt_state"]),
+        "estimator_states": est_states,
+        "counters": {"skipped_nonfinite": counters["skipped_nonfinite"] + (~finite),
+                     "divergences": counters["divergences"] + diagnostics["divergences"],
+                     "resets": counters["resets"] + diagnostics["resets"]},
+    }
+    return new_state, {**diagnostics, "skipped": ~finite}
+
+  # -- work directory ---------------------------------------------------------------------
+
+  def _prepare_workdir(self) -> None:
+    try:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      probe = self.workdir / ".write_probe"
+      probe.write_text("ok")
+      probe.unlink()
+    except OSError as e:
+      raise WorkdirError(f"cannot write to the work directory {self.workdir}: {e}") from e
+    config_file = self.workdir / CONFIG_FILE
+    if config_file.exists():
+      try:
+        stored = RunConfig.from_dict(json.loads(config_file.read_text()))
+      except (OSError, ValueError, TypeError) as e:
+        raise WorkdirError(f"{config_file} is not a readable run config: {e}") from e
+      differences = self.config.differences(stored)
+      if differences:
+        lines = "\n".join(f"  {k}: stored {old!r}, requested {new!r}"
+                          for k, (new, old) in sorted(differences.items()))
+        raise WorkdirError(
+            f"{self.workdir} holds a run with a different config; refusing to resume it:\n"
+            f"{lines}\nUse another --workdir, or the stored config.")
+    _atomic_write(config_file, json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+
+  def checkpoint_manager(self) -> ocp.CheckpointManager:
+    """The run's Orbax checkpoint manager (only finished checkpoints are ever listed)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.config.max_to_keep, create=True)
+    return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options)
+
+  def restore_or_init(self, manager: ocp.CheckpointManager) -> dict[str, Any]:
+    """The latest checkpointed state, or a fresh one; placed with :meth:`shardings`."""
+    latest = manager.latest_step()
+    if latest is None:
+      state = self.init_state()
+      return jax.device_put(state, self.shardings(state))
+    abstract = jax.eval_shape(self.init_state)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, self.shardings(abstract))
+    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+
+  # -- the loop ---------------------------------------------------------------------------
+
+  def train(self, steps: int | None = None) -> dict[str, Any]:
+    """Meta-trains up to ``steps`` meta-steps in all (default ``config.steps``), resuming.
+
+    Returns:
+      The final state.
+
+    Raises:
+      WorkdirError: an unwritable work directory or one holding a different run.
+    """
+    total = self.config.steps if steps is None else steps
+    self._prepare_workdir()
+    manager = self.checkpoint_manager()
+    state = self.restore_or_init(manager)
+    start = int(state["step"])
+    metrics_path = self.workdir / METRICS_FILE
+    elapsed = _truncate_metrics(metrics_path, start)
+    bar = _progress(start, total, self.progress)
+    began = time.perf_counter() - elapsed
+    try:
+      with open(metrics_path, "a") as metrics_file:
+        for step in range(start, total):
+          slot = step % len(self.tasks)
+          state, diagnostics = self._step_fns[slot](state, self.data[slot])
+          done = step + 1
+          if done % self.config.log_every == 0 or done == total:
+            record = _metrics_record(done, slot, diagnostics, state["counters"],
+                                     time.perf_counter() - began)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            bar.report(record)
+          if done % self.config.checkpoint_every == 0 or done == total:
+            manager.save(done, args=ocp.args.StandardSave(state))
+            plots.plot_metrics(metrics_path, self.workdir / "metrics.png")
+      manager.wait_until_finished()
+    except OSError as e:
+      raise WorkdirError(f"writing to {self.workdir} failed: {e}; the last complete "
+                         "checkpoint is intact and a new run resumes from it") from e
+    finally:
+      bar.close()
+    return state
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> float:
+  """Drops metrics lines after ``step`` (written after the checkpoint being resumed).
+
+  Returns:
+    The wall time of the last kept line, to continue the clock.
+  """
+  if not path.exists():
+    return 0.0
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a kill
+    if record.get("step", 0) <= step:
+      kept.append(record)
+  _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+  return float(kept[-1]["wall_time"]) if kept else 0.0
+
+
+def _metrics_record(step: int, slot: int, diagnostics, counters, wall_time: float) -> dict:
+  values = jax.device_get({**diagnostics, **{f"total_{k}": v for k, v in counters.items()}})
+  record = {"step": step, "task_slot": slot, "wall_time": round(wall_time, 3)}
+  for key, value in sorted(values.items()):
+    value = np.asarray(value).item()
+    record[key] = value if isinstance(value, (bool, int)) or np.isfinite(value) else str(value)
+  return record
+
+
+class _progress:
+  """A tqdm bar on a terminal; plain log lines otherwise."""
+
+  def __init__(self, start: int, total: int, interactive: bool):
+    self.total = total
+    self.bar = None
+    if interactive:
+      import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm.tqdm(total=total, initial=start, desc="meta-train", unit="step")
+    self.last = start
+
+  def report(self, record: dict) -> None:
+    if self.bar is not None:
+      self.bar.update(record["step"] - self.last)
+      self.bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+    else:
+      print(f"step {record['step']}/{self.total} meta_loss {record['meta_loss']:.4f} "
+            f"grad_norm {record['grad_norm']:.3g} skipped {record['total_skipped_nonfinite']} "
+            f"divergences {record['total_divergences']:.0f} wall {record['wall_time']:.1f}s",
+            flush=True)
+    self.last = record["step"]
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
+           overwrite: bool = False) -> pathlib.Path:
+  """Writes the latest meta-parameters of a run as an ``optax_learned`` checkpoint.
+
+  The training config and a summary (meta-steps, last metrics, wall time) go into the
+  checkpoint's metadata; ``optax_learned.load(out)`` accepts the result.
+
+  Raises:
+    WorkdirError: no run config or no finished checkpoint in ``workdir``.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  config_file = workdir / CONFIG_FILE
+  if not config_file.is_file():
+    raise WorkdirError(f"{workdir} is not a meta-training work directory: no {CONFIG_FILE}")
+  config = RunConfig.from_dict(json.loads(config_file.read_text()))
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options)
+  step = manager.latest_step()
+  if step is None:
+    raise WorkdirError(f"{workdir} has no finished checkpoint to export")
+  lopt = optax_learned.LearnedOptimizer(**config.optimizer)
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  meta_params = jax.tree.map(np.asarray, restored["meta_params"])
+  records = []
+  if (workdir / METRICS_FILE).exists():
+    records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()
+               if line.strip()]
+    records = [r for r in records if r["step"] <= step]
+  metadata = {"description": config.description, "training_config": config.to_dict(),
+              "summary": {"meta_steps": step, "last_metrics": records[-1] if records else None,
+                          "wall_time_seconds": records[-1]["wall_time"] if records else None}}
+  return optax_learned.save(out, lopt, meta_params, metadata=metadata, overwrite=overwrite)

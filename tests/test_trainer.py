@@ -1,0 +1,213 @@
+"""Meta-training runs: resume, kill safety, faults, determinism and sharding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metatrain import configs
+from metatrain import trainer as trainer_lib
+
+SHORT = configs.get_config("quadratic").with_overrides(
+    ["steps=12", "log_every=2", "checkpoint_every=4"])
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _assert_bit_identical(a, b):
+  for x, y in zip(_leaves(a), _leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """The final state of an uninterrupted SHORT run."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  state = trainer_lib.MetaTrainer(SHORT, workdir, progress=False).train()
+  return workdir, jax.device_get(state)
+
+
+def test_run_writes_metrics_checkpoints_and_plot(uninterrupted):
+  workdir, state = uninterrupted
+  records = _records(workdir)
+  assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+  for key in ("meta_loss", "grad_norm", "es_variance", "wall_time", "total_skipped_nonfinite",
+              "total_divergences"):
+    assert key in records[-1], key
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8"]
+  assert (workdir / "metrics.png").stat().st_size > 0
+  assert int(state["step"]) == 12
+
+
+def test_same_seed_is_bit_identical(uninterrupted, tmp_path):
+  _, state = uninterrupted
+  again = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train()
+  _assert_bit_identical(state["meta_params"], again["meta_params"])
+  assert [r["meta_loss"] for r in _records(tmp_path)] == [
+      r["meta_loss"] for r in _records(uninterrupted[0])]
+
+
+def test_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
+  trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=6)  # checkpoint at 4
+  # Simulate losing the work after the last checkpoint: drop checkpoints past step 4.
+  state = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train()
+  _assert_bit_identical(uninterrupted[1]["meta_params"], state["meta_params"])
+  assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8, 10, 12]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+  trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=4)
+  other = SHORT.with_overrides(["sigma=0.5"])
+  with pytest.raises(trainer_lib.WorkdirError, match=r"sigma: stored 0.01, requested 0.5"):
+    trainer_lib.MetaTrainer(other, tmp_path, progress=False).train()
+  # Run-control keys may change on resume.
+  longer = SHORT.with_overrides(["steps=6", "log_every=3"])
+  assert int(trainer_lib.MetaTrainer(longer, tmp_path, progress=False).train()["step"]) == 6
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(trainer_lib.WorkdirError, match="cannot write to the work directory"):
+    trainer_lib.MetaTrainer(SHORT, blocker / "run", progress=False).train()
+
+
+def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
+  runner = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False)
+  runner.train(steps=4)
+  import orbax.checkpoint as ocp
+  def no_space(self, step, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+  with pytest.raises(trainer_lib.WorkdirError, match="No space left.*last complete checkpoint"):
+    trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=8)
+  monkeypatch.undo()
+  manager = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).checkpoint_manager()
+  assert manager.latest_step() == 4
+
+
+def test_nonfinite_meta_gradients_are_skipped_and_counted(tmp_path):
+  runner = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False)
+  estimator = runner.estimators[0]
+
+  class PoisonOnStep3:
+    init = estimator.init
+
+    def estimate(self, meta_params, state, key, data):
+      gradient, state, diagnostics = estimator.estimate(meta_params, state, key, data)
+      poison = jnp.all(key == jax.random.fold_in(jax.random.PRNGKey(SHORT.seed), 3))
+      gradient = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), gradient)
+      return gradient, state, diagnostics
+
+  runner.estimators[0] = PoisonOnStep3()
+  before = jax.device_get(runner.train(steps=3)["meta_params"])
+  after = runner.train(steps=4)
+  _assert_bit_identical(before, after["meta_params"])
+  assert int(after["counters"]["skipped_nonfinite"]) == 1
+  assert _records(tmp_path)[-1]["total_skipped_nonfinite"] == 1
+
+
+def test_diverging_inner_runs_are_reset_and_counted(tmp_path):
+  config = SHORT.with_overrides(["divergence_loss=1e-9", "steps=4"])
+  state = trainer_lib.MetaTrainer(config, tmp_path, progress=False).train()
+  particles = config.estimator_config().num_particles
+  assert float(state["counters"]["divergences"]) == 4 * particles
+  # Every truncation after the first starts with a reset of every run.
+  assert float(state["counters"]["resets"]) >= 3 * particles
+
+
+def _train_subprocess(workdir, steps, extra_env=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
+  args = [sys.executable, "-m", "metatrain", "train", "--config", "quadratic", "--workdir",
+          str(workdir), "--steps", str(steps), "--progress", "lines",
+          "--set", "log_every=1", "--set", "checkpoint_every=2"]
+  return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _final_meta_params(workdir):
+  manager = trainer_lib.MetaTrainer(
+      configs.get_config("quadratic").with_overrides(["log_every=1", "checkpoint_every=2"]),
+      workdir, progress=False).checkpoint_manager()
+  import orbax.checkpoint as ocp
+  restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  return manager.latest_step(), restored["meta_params"]
+
+
+def _kill_after_lines(workdir, steps, lines):
+  """Starts a run and SIGKILLs it once it printed ``lines`` metrics lines."""
+  process = _train_subprocess(workdir, steps)
+  seen = 0
+  for line in process.stdout:
+    seen += line.startswith("step ")
+    if seen >= lines:
+      process.send_signal(signal.SIGKILL)
+      break
+  process.wait(timeout=120)
+  return process.returncode
+
+
+@pytest.mark.parametrize("kill_after", [3])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, kill_after):
+  reference = tmp_path / "reference"
+  assert _train_subprocess(reference, 8).wait(timeout=300) == 0
+  killed = tmp_path / "killed"
+  assert _kill_after_lines(killed, 8, kill_after) == -signal.SIGKILL
+  assert _train_subprocess(killed, 8).wait(timeout=300) == 0
+  step_a, params_a = _final_meta_params(reference)
+  step_b, params_b = _final_meta_params(killed)
+  assert step_a == step_b == 8
+  _assert_bit_identical(params_a, params_b)
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_moments_including_checkpoint_writes(tmp_path):
+  reference = tmp_path / "reference"
+  assert _train_subprocess(reference, 12).wait(timeout=300) == 0
+  _, expected = _final_meta_params(reference)
+  workdir = tmp_path / "killed"
+  rng = np.random.default_rng(0)
+  for attempt in range(4):
+    process = _train_subprocess(workdir, 12)
+    # Kill at a random moment, often in the middle of an asynchronous checkpoint write.
+    time.sleep(float(rng.uniform(4.0, 12.0)))
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=120)
+  assert _train_subprocess(workdir, 12).wait(timeout=300) == 0
+  step, params = _final_meta_params(workdir)
+  assert step == 12
+  _assert_bit_identical(expected, params)
+
+
+def test_sharded_run_matches_single_device(tmp_path):
+  script = (
+      "import sys, json, jax, numpy as np\n"
+      "from metatrain import configs, trainer\n"
+      "c = configs.get_config('quadratic').with_overrides(['steps=4', 'checkpoint_every=4'])\n"
+      "s = trainer.MetaTrainer(c, sys.argv[1], progress=False).train()\n"
+      "assert len(jax.devices()) == int(sys.argv[2]), jax.devices()\n"
+      "print(json.dumps([np.asarray(x).ravel().tolist() for x in "
+      "jax.tree.leaves(s['meta_params'])]))\n")
+  outputs = []
+  for devices in (1, 4):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(devices)),
+                             str(devices)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+  for one, four in zip(*outputs, strict=True):
+    np.testing.assert_allclose(one, four, rtol=1e-4, atol=1e-6)
