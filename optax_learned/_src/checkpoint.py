@@ -11,6 +11,7 @@ into :class:`LearnedOptimizer`, and the arrays are checked against the shapes an
 config implies before they are restored.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -117,7 +118,8 @@ def save(path: PathLike, lopt: LearnedOptimizer, meta_params: MetaParams, *,
   Raises:
     FileExistsError: if ``path`` exists and ``overwrite`` is false.
     TypeError: if ``metadata`` is not JSON-serialisable.
-    CheckpointArraysError: if ``meta_params`` do not match ``lopt``'s shapes.
+    CheckpointArraysError: if ``meta_params`` do not match ``lopt``'s shapes and dtypes, or
+      are not all finite (such a checkpoint could not be loaded).
   """
   path = pathlib.Path(path).absolute()
   config = {"format_version": FORMAT_VERSION, "package_version": _package_version(),
@@ -127,16 +129,18 @@ def save(path: PathLike, lopt: LearnedOptimizer, meta_params: MetaParams, *,
   except (TypeError, ValueError) as e:
     raise TypeError(f"metadata must be JSON-serialisable: {e}") from e
   _check_arrays(meta_params, lopt, where="meta_params")
+  _check_finite(meta_params, where="meta_params")
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if not (path / CONFIG_FILE).is_file():
-      raise FileExistsError(f"refusing to overwrite {path}: it is not a learned optimizer checkpoint")
+      raise FileExistsError(
+          f"refusing to overwrite {path}: it is not a learned optimizer checkpoint")
     shutil.rmtree(path)
   path.mkdir(parents=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path / WEIGHTS_DIR, jax.tree.map(np.asarray, meta_params))
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path / WEIGHTS_DIR, jax.tree.map(np.asarray, meta_params))
+    checkpointer.wait_until_finished()
   # The config is written last and atomically: a directory without it is not a checkpoint.
   with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as f:
     f.write(config_text)
@@ -146,8 +150,8 @@ def save(path: PathLike, lopt: LearnedOptimizer, meta_params: MetaParams, *,
 
 def _read_config(config_file: pathlib.Path) -> dict[str, Any]:
   try:
-    config = json.loads(config_file.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+  except (OSError, ValueError, RecursionError) as e:  # ValueError covers JSON and UTF-8.
     raise errors.CheckpointConfigError(f"{config_file}: cannot read the config: {e}") from e
   if not isinstance(config, dict):
     raise errors.CheckpointConfigError(f"{config_file}: the config must be a JSON object")
@@ -188,37 +192,67 @@ def _check_arrays(tree: Any, lopt: LearnedOptimizer, where: str) -> None:
           f"expects shape {spec.shape} and dtype {spec.dtype}")
 
 
+def _check_finite(tree: Any, where: str) -> None:
+  """Raises CheckpointArraysError when an array of ``tree`` has a NaN or an infinity."""
+  for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not np.all(np.isfinite(np.asarray(leaf))):
+      raise errors.CheckpointArraysError(
+          f"{where}: array {jax.tree_util.keystr(key)} contains non-finite values")
+
+
 def _read(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[str, Any]]:
   path = _resolve(name_or_path)
   if not path.is_dir():
-    raise errors.CheckpointNotFoundError(f"no checkpoint directory at {path}")
+    raise errors.CheckpointNotFoundError(f"no checkpoint directory at {path} ({path.absolute()})")
   config_file = path / CONFIG_FILE
   if not config_file.is_file():
     raise errors.CheckpointNotFoundError(
         f"{path} is not a learned optimizer checkpoint: it has no {CONFIG_FILE}")
   config = _read_config(config_file)
-  try:
-    lopt = LearnedOptimizer.from_dict(config["optimizer"])
-  except (TypeError, ValueError) as e:
-    raise errors.CheckpointConfigError(f"{config_file}: invalid optimizer config: {e}") from e
+  lopt = _optimizer_from_config(config["optimizer"], config_file)
   weights = (path / WEIGHTS_DIR).absolute()
   if not weights.is_dir():
     raise errors.CheckpointArraysError(f"{weights}: the weights directory is missing")
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    stored = checkpointer.metadata(weights).item_metadata.tree
-  except Exception as e:  # Orbax raises many types for unreadable metadata.
-    raise errors.CheckpointArraysError(f"{weights}: cannot read the array metadata: {e}") from e
-  _check_arrays(stored, lopt, where=str(weights))
-  try:
-    meta_params = checkpointer.restore(weights, lopt.meta_params_shapes())
-  except Exception as e:  # Truncated or corrupted array files.
-    raise errors.CheckpointArraysError(f"{weights}: cannot restore the arrays: {e}") from e
-  for key, leaf in jax.tree_util.tree_flatten_with_path(meta_params)[0]:
-    if not np.all(np.isfinite(np.asarray(leaf))):
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      item_metadata = checkpointer.metadata(weights).item_metadata
+      stored = None if item_metadata is None else item_metadata.tree
+    except Exception as e:  # Orbax raises many types for unreadable metadata.
       raise errors.CheckpointArraysError(
-          f"{weights}: array {jax.tree_util.keystr(key)} contains non-finite values")
+          f"{weights}: cannot read the array metadata: {type(e).__name__}: {e}") from e
+    if stored is None:
+      raise errors.CheckpointArraysError(
+          f"{weights}: cannot read the array metadata: the Orbax directory is incomplete or "
+          "corrupted")
+    _check_arrays(stored, lopt, where=str(weights))
+    try:
+      meta_params = checkpointer.restore(weights, lopt.meta_params_shapes())
+    except Exception as e:  # Truncated or corrupted array files.
+      raise errors.CheckpointArraysError(
+          f"{weights}: cannot restore the arrays: {type(e).__name__}: {e}") from e
+  _check_arrays(meta_params, lopt, where=str(weights))
+  _check_finite(meta_params, where=str(weights))
   return lopt, meta_params, config.get("metadata") or {}
+
+
+def _optimizer_from_config(optimizer: Any, config_file: pathlib.Path) -> LearnedOptimizer:
+  """The optimizer of a checkpoint config, which must name every configuration field.
+
+  A stored optimizer is complete: filling a missing field from the current defaults would
+  silently change a trained optimizer whenever a default changes.
+  """
+  if not isinstance(optimizer, dict):
+    raise errors.CheckpointConfigError(
+        f"{config_file}: invalid optimizer config: it must be a JSON object, got "
+        f"{type(optimizer).__name__}")
+  missing = sorted({field.name for field in dataclasses.fields(LearnedOptimizer)} - set(optimizer))
+  if missing:
+    raise errors.CheckpointConfigError(
+        f"{config_file}: invalid optimizer config: missing field(s) {missing}")
+  try:
+    return LearnedOptimizer.from_dict(optimizer)
+  except (TypeError, ValueError) as e:
+    raise errors.CheckpointConfigError(f"{config_file}: invalid optimizer config: {e}") from e
 
 
 def load_weights(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams]:
@@ -244,6 +278,8 @@ def load_weights(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams]:
 def load_metadata(name_or_path: PathLike) -> dict[str, Any]:
   """The metadata dict stored with a checkpoint (its config is validated too)."""
   path = _resolve(name_or_path)
+  if not path.is_dir():
+    raise errors.CheckpointNotFoundError(f"no checkpoint directory at {path} ({path.absolute()})")
   if not (path / CONFIG_FILE).is_file():
     raise errors.CheckpointNotFoundError(
         f"{path} is not a learned optimizer checkpoint: it has no {CONFIG_FILE}")

@@ -15,6 +15,7 @@ References:
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -23,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_learned._src import errors
-from optax_learned._src import tree_checks
+from optax_learned._src import errors, tree_checks
 
 MetaParams = dict[str, Any]
 
@@ -107,23 +107,24 @@ class LearnedOptimizer:
     set_("hidden_sizes", _as_tuple(self.hidden_sizes, "hidden_sizes", int))
     set_("momentum_decays", _as_tuple(self.momentum_decays, "momentum_decays", float))
     set_("time_scales", _as_tuple(self.time_scales, "time_scales", float))
-    if any(size < 1 for size in self.hidden_sizes):
-      raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
-    if not self.momentum_decays:
-      raise ValueError("momentum_decays must name at least one decay")
-    for decay in self.momentum_decays + (self.second_moment_decay,):
-      if not 0.0 <= decay < 1.0:
-        raise ValueError(f"decays must lie in [0, 1), got {decay}")
-    if any(scale <= 0 for scale in self.time_scales):
-      raise ValueError(f"time_scales must be positive, got {self.time_scales}")
     for name in ("step_mult", "exp_mult", "output_init_scale", "epsilon", "second_moment_decay"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
       set_(name, float(value))
+    if any(size < 1 for size in self.hidden_sizes):
+      raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
+    if not self.momentum_decays:
+      raise ValueError("momentum_decays must name at least one decay")
+    if not all(0.0 <= decay < 1.0 for decay in self.momentum_decays):
+      raise ValueError(f"momentum_decays must lie in [0, 1), got {self.momentum_decays}")
+    if not 0.0 <= self.second_moment_decay < 1.0:
+      raise ValueError(f"second_moment_decay must lie in [0, 1), got {self.second_moment_decay}")
+    if any(not math.isfinite(scale) or scale <= 0 for scale in self.time_scales):
+      raise ValueError(f"time_scales must be positive and finite, got {self.time_scales}")
     if self.epsilon <= 0:
       raise ValueError(f"epsilon must be positive, got {self.epsilon}")
-    if self.activation not in _ACTIVATIONS:
+    if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
       raise ValueError(
           f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
     if not isinstance(self.skip_nonfinite, bool):
@@ -170,18 +171,7 @@ class LearnedOptimizer:
       A dict of float32 arrays: ``layer_{i}`` with ``w`` and ``b`` for each dense layer and
       ``time_w`` mapping the time features into the first hidden layer.
     """
-    sizes = (self.num_features,) + self.hidden_sizes + (2,)
-    keys = jax.random.split(key, len(sizes))
-    meta_params: MetaParams = {}
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-      w = jax.random.normal(keys[i], (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
-      if i == len(sizes) - 2:
-        w = w * self.output_init_scale
-      meta_params[f"layer_{i}"] = {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
-    meta_params["time_w"] = (
-        jax.random.normal(keys[-1], (len(self.time_scales), sizes[1]), jnp.float32)
-        / math.sqrt(self.num_features + len(self.time_scales)))
-    return meta_params
+    return _sample_meta_params(self, key)
 
   def meta_params_shapes(self) -> MetaParams:
     """The ``jax.ShapeDtypeStruct`` tree that :meth:`init` returns."""
@@ -223,23 +213,45 @@ class LearnedOptimizer:
     tree_checks.assert_float_leaves(params, "params")
     tree_checks.assert_same_structure(updates, state.second_moment, "updates", "optimizer state")
     tree_checks.assert_same_structure(params, state.second_moment, "params", "optimizer state")
-    chex.assert_trees_all_equal_shapes(updates, params, state.second_moment)
+    tree_checks.assert_same_structure(state.momentum, state.second_moment,
+                                      "optimizer state momentum", "optimizer state second_moment")
+    # Shapes of updates, params and state agree leaf by leaf (python scalars included).
+    num_momenta = len(self.momentum_decays)
+    chex.assert_trees_all_equal_shapes(
+        jax.tree.map(_shape_dtype, updates), jax.tree.map(_shape_dtype, params),
+        state.second_moment)
+    chex.assert_trees_all_equal_shapes(state.momentum, jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(jnp.shape(v) + (num_momenta,), jnp.float32),
+        state.second_moment))
 
-    first_bias = (meta_params["layer_0"]["b"]
-                  + self.time_features(state.count) @ meta_params["time_w"])
-    leaves, treedef = jax.tree.flatten(updates)
-    columns = zip(leaves, treedef.flatten_up_to(params), treedef.flatten_up_to(state.momentum),
-                  treedef.flatten_up_to(state.second_moment))
-    results = [self._leaf_update(meta_params, first_bias, *column) for column in columns]
-    new_updates, momentum, second_moment = (
-        treedef.unflatten([result[i] for result in results]) for i in range(3))
-    new_state = LearnedOptimizerState(state.count + 1, momentum, second_moment)
-
-    if self.skip_nonfinite and leaves:
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+    grads, treedef = jax.tree.flatten(updates)
+    param_leaves = treedef.flatten_up_to(params)
+    finite = None
+    if self.skip_nonfinite and grads:
+      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+      # A skipped step still runs; with its gradients zeroed its arithmetic stays finite, so
+      # it contributes zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
+      grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
+    accumulators = [self._accumulate(g, m, v) for g, m, v in zip(
+        grads, treedef.flatten_up_to(state.momentum),
+        treedef.flatten_up_to(state.second_moment), strict=True)]
+    # The accumulators keep the state's per-leaf layout; the MLP then runs once on the
+    # features of all leaves side by side (see ``_mlp_steps``).
+    features = [_normalize(self._feature_rows(g, p, m, v), axis=1)
+                for (g, m, v), p in zip(accumulators, param_leaves, strict=True)]
+    steps = self._mlp_steps(meta_params, state.count, features)
+    new_updates = treedef.unflatten(
+        [_cast_like(step, p) for step, p in zip(steps, param_leaves, strict=True)])
+    new_state = LearnedOptimizerState(
+        count=state.count + 1,
+        momentum=treedef.unflatten([m for _, m, _ in accumulators]),
+        second_moment=treedef.unflatten([v for _, _, v in accumulators]))
+    if finite is not None:
       new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    chex.assert_trees_all_equal_shapes_and_dtypes(new_updates, params)
+    # Updates match the parameters leaf by leaf in shape and in (canonical) dtype.
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        new_updates, jax.tree.map(_shape_dtype, params))
     return new_updates, new_state
 
   def time_features(self, count: jax.Array) -> jax.Array:
@@ -255,27 +267,102 @@ class LearnedOptimizer:
     momentum multiplied by ``rsqrt(v + eps)``; each column normalised by its RMS over the leaf.
     ``m`` and ``v`` are the accumulators already updated with ``g``.
     """
-    rsqrt_v = jax.lax.rsqrt(v + self.epsilon)
-    columns = jnp.concatenate(
-        [g[..., None], p.astype(jnp.float32)[..., None], m, rsqrt_v[..., None],
-         (g * rsqrt_v)[..., None], m * rsqrt_v[..., None]], axis=-1)
-    return normalize_columns(columns.reshape(-1, self.num_features))
+    return _normalize(self._feature_rows(g, p, m, v), axis=1).T
 
-  def _leaf_update(self, meta_params, first_bias, g, p, m, v):
-    dtype = p.dtype
-    g = jnp.clip(g.astype(jnp.float32), -_MAX_GRADIENT_MAGNITUDE, _MAX_GRADIENT_MAGNITUDE)
+  def _accumulate(self, g: jax.Array, m: jax.Array,
+                  v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The clipped float32 gradient, and the accumulators updated with it."""
+    g = jnp.clip(jnp.asarray(g).astype(jnp.float32), -_MAX_GRADIENT_MAGNITUDE,
+                 _MAX_GRADIENT_MAGNITUDE)
     decays = jnp.asarray(self.momentum_decays, jnp.float32)
     m = decays * m + (1.0 - decays) * g[..., None]
     v = self.second_moment_decay * v + (1.0 - self.second_moment_decay) * jnp.square(g)
+    return g, m, v
+
+  def _feature_rows(self, g: jax.Array, p: jax.Array, m: jax.Array,
+                    v: jax.Array) -> jax.Array:
+    """The unnormalised features of one leaf, as a ``[num_features, num_elements]`` matrix.
+
+    Elements run along the minor axis, so that the per-feature reductions of the
+    normalisation and the MLP's matrix products work on contiguous rows.
+    """
+    size = math.prod(jnp.shape(g))
+    g = jnp.reshape(g, (1, size))
+    p = jnp.reshape(jnp.asarray(p).astype(jnp.float32), (1, size))
+    m = jnp.reshape(m, (size, len(self.momentum_decays))).T
+    rsqrt_v = jax.lax.rsqrt(jnp.reshape(v, (1, size)) + self.epsilon)
+    return jnp.concatenate([g, p, m, rsqrt_v, g * rsqrt_v, m * rsqrt_v], axis=0)
+
+  def _mlp_steps(self, meta_params: MetaParams, count: jax.Array,
+                 features: list[jax.Array]) -> list[jax.Array]:
+    """Applies the MLP to each leaf's ``[num_features, n]`` features: a flat step per leaf.
+
+    The leaves go through one chain of matrix products ``W.T @ x`` on the
+    ``[num_features, total_elements]`` concatenation, which on CPU is cheaper than one chain
+    per leaf and than ``x @ W`` with the short feature axis minor.
+    """
+    if not features:
+      return []
+    x = jnp.concatenate(features, axis=1) if len(features) > 1 else features[0]
     activation = _ACTIVATIONS[self.activation]
-    h = activation(self.leaf_features(g, p, m, v) @ meta_params["layer_0"]["w"] + first_bias)
     num_layers = len(self.hidden_sizes) + 1
-    for i in range(1, num_layers):
-      h = h @ meta_params[f"layer_{i}"]["w"] + meta_params[f"layer_{i}"]["b"]
+    # The time features are the same for every element: they enter as a first-layer bias.
+    h = x
+    for i in range(num_layers):
+      layer = meta_params[f"layer_{i}"]
+      bias = layer["b"]
+      if i == 0:
+        bias = bias + self.time_features(count) @ meta_params["time_w"]
+      h = layer["w"].T @ h + bias[:, None]
       if i < num_layers - 1:
         h = activation(h)
-    step = self.step_mult * h[:, 0] * jnp.exp(self.exp_mult * h[:, 1])
-    return (-step).reshape(jnp.shape(p)).astype(dtype), m, v
+    steps = -self.step_mult * h[0] * jnp.exp(self.exp_mult * h[1])
+    offsets = [0]
+    for features_of_leaf in features:
+      offsets.append(offsets[-1] + features_of_leaf.shape[1])
+    return [steps[start:stop] for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _sample_meta_params(lopt: LearnedOptimizer, key: chex.PRNGKey) -> MetaParams:
+  """:meth:`LearnedOptimizer.init`, compiled once per configuration (not op by op)."""
+  sizes = (lopt.num_features,) + lopt.hidden_sizes + (2,)
+  keys = jax.random.split(key, len(sizes))
+  meta_params: MetaParams = {}
+  for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    w = jax.random.normal(keys[i], (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
+    if i == len(sizes) - 2:
+      w = w * lopt.output_init_scale
+    meta_params[f"layer_{i}"] = {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
+  meta_params["time_w"] = (
+      jax.random.normal(keys[-1], (len(lopt.time_scales), sizes[1]), jnp.float32)
+      / math.sqrt(lopt.num_features + len(lopt.time_scales)))
+  return meta_params
+
+
+def _cast_like(step: jax.Array, p: Any) -> jax.Array:
+  """A flat float32 step reshaped and cast to the shape and dtype of its parameter."""
+  return jnp.reshape(step, jnp.shape(p)).astype(jnp.result_type(p))
+
+
+def _shape_dtype(x: Any) -> jax.ShapeDtypeStruct:
+  """The shape and (canonical, as JAX computes in it) dtype of an array or scalar."""
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def _normalize(x: jax.Array, axis: int, epsilon: float = 1e-12) -> jax.Array:
+  """Divides ``x`` by its root mean square along ``axis``, overflow-safe.
+
+  The values are first scaled by their largest magnitude along ``axis`` (a constant for
+  differentiation, since the result does not depend on it), so huge inputs (1e30) do not
+  overflow when squared, and all-zero slices give zeros with finite gradients. Zero-size
+  inputs give zero-size outputs.
+  """
+  size = x.shape[axis]
+  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  mean_square = jnp.sum(jnp.square(x / scale), axis=axis, keepdims=True) / max(size, 1)
+  return x * (jax.lax.rsqrt(mean_square + epsilon) / scale)
 
 
 def normalize_columns(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
@@ -285,6 +372,4 @@ def normalize_columns(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
   since the result does not depend on it), so huge inputs (1e30) do not overflow when
   squared, and all-zero columns give zeros with finite gradients.
   """
-  scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=0))
-  scaled = x / jnp.where(scale > 0, scale, 1.0)
-  return scaled * jax.lax.rsqrt(jnp.mean(jnp.square(scaled), axis=0) + epsilon)
+  return _normalize(x, axis=0, epsilon=epsilon)

@@ -20,12 +20,17 @@ def assert_float_leaves(tree: Any, what: str) -> None:
   """
   leaves_with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
   for path, leaf in leaves_with_path:
-    dtype = jnp.result_type(leaf)
+    try:
+      dtype = jnp.result_type(leaf)
+    except TypeError:
+      raise errors.InvalidTreeError(
+          f"{what}{jax.tree_util.keystr(path)} is a {type(leaf).__name__}, not an array; the "
+          "learned optimizer only updates floating-point arrays.") from None
     if not jnp.issubdtype(dtype, jnp.floating):
       raise errors.InvalidTreeError(
           f"{what}{jax.tree_util.keystr(path)} has dtype {dtype}; the learned optimizer "
-          "only updates floating-point leaves. Exclude integer and bool leaves with "
-          "optax.masked or optax.partition.")
+          "only updates floating-point leaves. Exclude other leaves (integer, bool, complex) "
+          "with optax.masked or optax.partition.")
 
 
 def assert_same_structure(tree: Any, reference: Any, what: str, reference_what: str) -> None:
