@@ -12,6 +12,8 @@ from typing import Any
 from metatrain import estimators
 from metatrain import truncation
 
+__all__ = ("CONFIGS", "RUN_CONTROL_KEYS", "RunConfig", "get_config")
+
 # Keys that steer a run without changing what it computes: a run may resume with other values.
 RUN_CONTROL_KEYS = ("steps", "log_every", "checkpoint_every", "max_to_keep", "description")
 
@@ -152,7 +154,7 @@ CONFIGS: dict[str, tuple[RunConfig, str]] = {
         truncation_length=10, min_horizon=50, max_horizon=1000, loss_clip=5.0,
         meta_learning_rate=3e-3, optimizer={"hidden_sizes": [16]}, steps=1500, log_every=10,
         checkpoint_every=100, description="meta-trained on an MLP on sklearn's 8x8 digits"),
-        "about 2 minutes on 2 CPU cores: PES on the digits MLP, validation meta-loss (bundled `digits`)"),
+        "about 2 minutes on 2 CPU cores: PES on the digits MLP, validation loss (bundled digits)"),
     "cifar": (RunConfig(
         task="cifar_conv_16", task_family="cifar_conv", num_task_variants=3,
         task_overrides={"resolutions": [8, 16], "batch_sizes": [128], "widths": [16, 32],

@@ -37,8 +37,45 @@ from metatrain.tasks import base
 MetaParams = Any
 ESTIMATORS = ("pathwise", "es", "pes", "merged")
 
+__all__ = ("ESTIMATORS", "Estimator", "EstimatorConfig", "EstimatorState",
+           "antithetic_es_gradient", "merge_by_inverse_variance", "pathwise_gradient",
+           "pes_gradient")
+
 
 # -- per-sample gradient formulas -------------------------------------------------------
+
+
+def pathwise_gradient(task: base.Task, lopt: truncation_lib.LearnedOptimizerLike,
+                      config: truncation_lib.TruncationConfig, theta: MetaParams,
+                      states: truncation_lib.InnerState, data: base.Data
+                      ) -> tuple[MetaParams, truncation_lib.InnerState,
+                                 truncation_lib.UnrollOutput]:
+  """Per-sample pathwise (reparameterisation) gradients through one truncation.
+
+  For each sample ``i`` this backpropagates the truncation's mean meta-loss through the unroll
+  at ``theta_i`` (e.g. ``theta + eps_i``): inner training, the learned optimizer and its
+  features, second-order terms included.
+
+  Args:
+    task: the inner problem.
+    lopt: the learned optimizer.
+    config: truncation settings.
+    theta: per-sample weights ``[S, ...]``.
+    states: per-sample inner runs ``[S, ...]``.
+    data: the task's arrays (shared by all samples).
+
+  Returns:
+    ``(gradients [S, ...], new_states, outputs)``.
+
+  References:
+    Metz et al. 2019, arXiv:1810.10180, Section 3.
+  """
+  def mean_loss(theta_i, state_i):
+    new_state, out = truncation_lib.unroll(task, lopt, config, theta_i, state_i, data)
+    return jnp.mean(out.meta_losses), (new_state, out)
+
+  gradients, (new_states, outputs) = jax.vmap(jax.grad(mean_loss, has_aux=True))(theta, states)
+  return gradients, new_states, outputs
 
 
 def antithetic_es_gradient(eps: MetaParams, loss_differences: jax.Array,
@@ -228,14 +265,6 @@ class Estimator:
     return jax.vmap(truncation_lib.unroll, in_axes=(None, None, None, 0, 0, None))(
         self.task, self.lopt, self.config.truncation, theta, state, data)
 
-  def _pathwise_unroll(self, theta, state, data):
-    def mean_loss(theta_i, state_i):
-      new_state, out = truncation_lib.unroll(self.task, self.lopt, self.config.truncation,
-                                         theta_i, state_i, data)
-      return jnp.mean(out.meta_losses), (new_state, out)
-    grads, (new_state, out) = jax.vmap(jax.grad(mean_loss, has_aux=True))(theta, state)
-    return grads, new_state, out
-
   def estimate(self, meta_params: MetaParams, state: EstimatorState, key: chex.PRNGKey,
                data: base.Data) -> tuple[MetaParams, EstimatorState, dict[str, jax.Array]]:
     """Estimates the meta-gradient over one truncation and advances the inner runs.
@@ -259,7 +288,8 @@ class Estimator:
     want_es = cfg.estimator != "pathwise"
 
     if want_pathwise:
-      rp_samples, new_pos, out_pos = self._pathwise_unroll(theta_pos, state.positive, data)
+      rp_samples, new_pos, out_pos = pathwise_gradient(
+          self.task, self.lopt, cfg.truncation, theta_pos, state.positive, data)
     else:
       new_pos, out_pos = self._unroll(theta_pos, state.positive, data)
     diagnostics = {}

@@ -40,6 +40,8 @@ from metatrain.configs import RunConfig
 from metatrain.tasks import base
 from metatrain.tasks import families
 
+__all__ = ("MetaTrainer", "WorkdirError", "build_tasks", "export")
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"

@@ -24,6 +24,9 @@ import optax
 
 from metatrain.tasks import base
 
+__all__ = ("InnerState", "LearnedOptimizerLike", "TruncationConfig", "UnrollOutput", "diverged",
+           "force_reset", "init_inner_state", "meta_loss_term", "sample_horizon", "unroll")
+
 MetaParams = Any
 
 
