@@ -48,6 +48,9 @@ class RunConfig:
     checkpoint_every: meta-steps between checkpoints.
     max_to_keep: checkpoints kept.
     description: one line stored with exported optimizers.
+    init_from: start from these weights (a bundled name or checkpoint path, e.g. an earlier
+      run's export) instead of a fresh initialisation; their optimizer config must equal
+      ``optimizer``.
   """
   task: str = "linear_regression"
   task_family: str = ""
@@ -74,6 +77,7 @@ class RunConfig:
   checkpoint_every: int = 100
   max_to_keep: int = 3
   description: str = ""
+  init_from: str = ""
 
   def __post_init__(self):
     self.estimator_config()  # validates the estimator and truncation settings

@@ -115,6 +115,11 @@ class MetaTrainer:
     init_key, *slot_keys = jax.random.split(jax.random.PRNGKey(self.config.seed),
                                             len(self.tasks) + 1)
     meta_params = self.lopt.init(init_key)
+    if self.config.init_from:
+      lopt, meta_params = optax_learned.load_weights(self.config.init_from)
+      if lopt != self.lopt:
+        raise ValueError(f"init_from={self.config.init_from!r} holds an optimizer with config "
+                         f"{lopt.to_dict()}, not the run's {self.lopt.to_dict()}")
     return {
         "step": jnp.zeros([], jnp.int32),
         "meta_params": meta_params,

@@ -211,3 +211,14 @@ def test_sharded_run_matches_single_device(tmp_path):
     outputs.append(json.loads(result.stdout.strip().splitlines()[-1]))
   for one, four in zip(*outputs, strict=True):
     np.testing.assert_allclose(one, four, rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_an_exported_optimizer(uninterrupted, tmp_path):
+  workdir, state = uninterrupted
+  exported = trainer_lib.export(workdir, tmp_path / "exported")
+  config = SHORT.with_overrides([f"init_from={exported}", "steps=1"])
+  runner = trainer_lib.MetaTrainer(config, tmp_path / "warm", progress=False)
+  _assert_bit_identical(state["meta_params"], runner.init_state()["meta_params"])
+  mismatched = config.with_overrides(["optimizer.hidden_sizes=[4]"])
+  with pytest.raises(ValueError, match="holds an optimizer with config"):
+    trainer_lib.MetaTrainer(mismatched, tmp_path / "bad", progress=False).init_state()
