@@ -501,6 +501,10 @@ TRIGGERS = {
     "runconfig-optimizer-unknown": lambda c: _trainer().MetaTrainer(
         _quadratic("optimizer.bogus=1"), c.tmp / "run"),
     # metatrain runs
+    "run-init-from-other-config": lambda c: _trainer().MetaTrainer(
+        _quadratic(f"init_from={c.checkpoint()}"), c.tmp / "run").init_state(),
+    "run-init-from-missing": lambda c: (c.monkeypatch.chdir(c.tmp), _trainer().MetaTrainer(
+        _quadratic("init_from=nope"), c.tmp / "run").init_state()),
     "run-devices": lambda c: _trainer().MetaTrainer(_quadratic(), c.tmp / "run",
                                                     devices=jax.devices()[:1] * 3),
     "run-workdir-unwritable": lambda c: (
