@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return _dispatch(args)
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
     print(f"metatrain {args.command}: error: {e}", file=sys.stderr)
     return 2
 

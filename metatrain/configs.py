@@ -9,6 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
+import optax_learned
 from metatrain import estimators
 from metatrain import truncation
 
@@ -80,6 +81,13 @@ class RunConfig:
   init_from: str = ""
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      object.__setattr__(self, field.name, _checked(field.name, getattr(self, field.name),
+                                                    field.type))
+    try:
+      optax_learned.LearnedOptimizer.from_dict(dict(self.optimizer))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"optimizer: {e}") from e
     self.estimator_config()  # validates the estimator and truncation settings
     if self.num_task_variants < 1:
       raise ValueError(f"num_task_variants must be >= 1, got {self.num_task_variants}")
@@ -144,6 +152,18 @@ class RunConfig:
     mine, theirs = self.to_dict(), other.to_dict()
     return {k: (mine[k], theirs[k]) for k in mine
             if k not in RUN_CONTROL_KEYS and mine[k] != theirs[k]}
+
+
+def _checked(name: str, value: Any, expected: Any) -> Any:
+  """``value`` if it has the field's type (ints accepted as floats), else a TypeError."""
+  if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  kinds = {int: "an integer", str: "a string", bool: "true or false", float: "a number"}
+  base = getattr(expected, "__origin__", expected)
+  ok = isinstance(value, base) and not (base is int and isinstance(value, bool))
+  if not ok:
+    raise TypeError(f"{name} must be {kinds.get(base, base.__name__)}, got {value!r}")
+  return value
 
 
 CONFIGS: dict[str, tuple[RunConfig, str]] = {

@@ -454,6 +454,8 @@ def evaluate(
   train_kwargs = dict(steps=steps, seeds=seeds, eval_every=eval_every,
                       num_eval_batches=num_eval_batches, data=data)
 
+  # Load the learned optimizer first: a bad name or path fails before any training.
+  learned_tx = optax_learned.load(optimizer) if optimizer is not None else None
   baseline_results = {}
   for name in baselines:
     runs, cached = {}, []
@@ -481,7 +483,7 @@ def evaluate(
   learned = None
   if optimizer is not None:
     logger.info("training the learned optimizer %s on %s", optimizer, task)
-    run = evaluate_transformation(optax_learned.load(optimizer), task_obj, **train_kwargs)
+    run = evaluate_transformation(learned_tx, task_obj, **train_kwargs)
     learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer), "run": run}
 
   results = {

@@ -185,7 +185,8 @@ class MetaTrainer:
         raise WorkdirError(
             f"{self.workdir} holds a run with a different config; refusing to resume it:\n"
             f"{lines}\nUse another --workdir, or the stored config.")
-    _atomic_write(config_file, json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # one writer when many hosts share the work directory
+      _atomic_write(config_file, json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
 
   def checkpoint_manager(self) -> ocp.CheckpointManager:
     """The run's Orbax checkpoint manager (only finished checkpoints are ever listed)."""
@@ -219,12 +220,13 @@ class MetaTrainer:
     manager = self.checkpoint_manager()
     state = self.restore_or_init(manager)
     start = int(state["step"])
+    primary = jax.process_index() == 0  # other hosts only compute and checkpoint
     metrics_path = self.workdir / METRICS_FILE
-    elapsed = _truncate_metrics(metrics_path, start)
+    elapsed = _truncate_metrics(metrics_path, start) if primary else 0.0
     bar = _progress(start, total, self.progress)
     began = time.perf_counter() - elapsed
     try:
-      with open(metrics_path, "a") as metrics_file:
+      with open(metrics_path if primary else os.devnull, "a") as metrics_file:
         for step in range(start, total):
           slot = step % len(self.tasks)
           state, diagnostics = self._step_fns[slot](state, self.data[slot])
@@ -237,7 +239,8 @@ class MetaTrainer:
             bar.report(record)
           if done % self.config.checkpoint_every == 0 or done == total:
             manager.save(done, args=ocp.args.StandardSave(state))
-            plots.plot_metrics(metrics_path, self.workdir / "metrics.png")
+            if primary:
+              plots.plot_metrics(metrics_path, self.workdir / "metrics.png")
       manager.wait_until_finished()
     except OSError as e:
       raise WorkdirError(f"writing to {self.workdir} failed: {e}; the last complete "

@@ -1,8 +1,10 @@
 """Exception types raised by optax_learned.
 
-Every error the package raises on bad input derives from :class:`LearnedOptimizerError`,
-so callers can catch the whole family at once, and also from the matching built-in
-exception (``ValueError``, ``FileNotFoundError``, ``TypeError``) so existing handlers work.
+Errors about checkpoints and about the pytrees given to the transformation derive from
+:class:`LearnedOptimizerError`, so callers can catch that family at once, and also from the
+matching built-in exception (``ValueError``, ``FileNotFoundError``, ``TypeError``) so existing
+handlers work. Invalid :class:`~optax_learned.LearnedOptimizer` settings raise plain
+``ValueError`` or ``TypeError``, and shape mismatches found by chex raise ``AssertionError``.
 """
 
 
