@@ -10,8 +10,7 @@ at any moment and run the same command again to resume::
 import argparse
 import pathlib
 
-from metatrain import configs
-from metatrain import trainer
+from metatrain import configs, trainer
 
 
 def main():

@@ -10,9 +10,7 @@ RMSProp, each tuned over a learning-rate grid::
 import argparse
 import pathlib
 
-from metatrain import configs
-from metatrain import evaluation
-from metatrain import trainer
+from metatrain import configs, evaluation, trainer
 
 
 def main():

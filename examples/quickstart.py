@@ -115,7 +115,7 @@ def main():
     style = "-" if name.startswith("learned") else "--"
     axes[0].plot(curve[:, 0], curve[:, 1], style, label=name)
     axes[1].plot(curve[:, 0], curve[:, 2], style, label=name)
-  for ax, title in zip(axes, ("training loss", "validation loss")):
+  for ax, title in zip(axes, ("training loss", "validation loss"), strict=True):
     ax.set(xlabel="step", title=title, yscale="log")
   axes[0].legend()
   fig.tight_layout()

@@ -7,24 +7,19 @@ References:
   graphs with persistent evolution strategies", ICML. arXiv:2112.13835.
 """
 
-from metatrain.configs import RunConfig
-from metatrain.configs import get_config
-from metatrain.estimators import Estimator
-from metatrain.estimators import EstimatorConfig
-from metatrain.estimators import EstimatorState
-from metatrain.estimators import antithetic_es_gradient
-from metatrain.estimators import merge_by_inverse_variance
-from metatrain.estimators import pathwise_gradient
-from metatrain.estimators import pes_gradient
-from metatrain.tasks import Task
-from metatrain.tasks import get_family
-from metatrain.tasks import get_task
-from metatrain.trainer import MetaTrainer
-from metatrain.trainer import WorkdirError
-from metatrain.trainer import export
-from metatrain.truncation import InnerState
-from metatrain.truncation import TruncationConfig
-from metatrain.truncation import unroll
+from metatrain.configs import RunConfig, get_config
+from metatrain.estimators import (
+    Estimator,
+    EstimatorConfig,
+    EstimatorState,
+    antithetic_es_gradient,
+    merge_by_inverse_variance,
+    pathwise_gradient,
+    pes_gradient,
+)
+from metatrain.tasks import Task, get_family, get_task
+from metatrain.trainer import MetaTrainer, WorkdirError, export
+from metatrain.truncation import InnerState, TruncationConfig, unroll
 
 __all__ = (
     "Estimator",

@@ -10,8 +10,7 @@ import json
 from typing import Any
 
 import optax_learned
-from metatrain import estimators
-from metatrain import truncation
+from metatrain import estimators, truncation
 
 __all__ = ("CONFIGS", "RUN_CONTROL_KEYS", "RunConfig", "get_config")
 

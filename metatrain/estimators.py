@@ -346,4 +346,4 @@ def _sample_perturbations(meta_params: MetaParams, key: chex.PRNGKey, num: int,
   keys = jax.random.split(key, len(leaves))
   return treedef.unflatten([
       sigma * jax.random.normal(k, (num,) + jnp.shape(leaf), jnp.result_type(leaf))
-      for k, leaf in zip(keys, leaves)])
+      for k, leaf in zip(keys, leaves, strict=True)])

@@ -19,9 +19,10 @@ def plot_metrics(metrics_path: str | pathlib.Path, out_path: str | pathlib.Path)
   if not records or not curves:
     return
   fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
-  for ax, curve in zip(axes[0], curves):
+  for ax, curve in zip(axes[0], curves, strict=True):
     points = [(r["step"], r[curve]) for r in records if isinstance(r.get(curve), (int, float))]
-    ax.plot(*zip(*points))
+    steps, values = zip(*points, strict=True)
+    ax.plot(steps, values)
     ax.set_xlabel("meta-step")
     ax.set_title(curve)
     if curve == "grad_norm":

@@ -34,11 +34,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
-from metatrain import estimators
-from metatrain import plots
+from metatrain import estimators, plots
 from metatrain.configs import RunConfig
-from metatrain.tasks import base
-from metatrain.tasks import families
+from metatrain.tasks import base, families
 
 __all__ = ("MetaTrainer", "WorkdirError", "build_tasks", "export")
 
@@ -125,7 +123,7 @@ class MetaTrainer:
         "meta_params": meta_params,
         "meta_opt_state": self.meta_optimizer.init(meta_params),
         "estimator_states": [est.init(meta_params, key, data) for est, key, data in
-                             zip(self.estimators, slot_keys, self.data)],
+                             zip(self.estimators, slot_keys, self.data, strict=True)],
         "counters": {"skipped_nonfinite": jnp.zeros([], jnp.int32),
                      "divergences": jnp.zeros([], jnp.float32),
                      "resets": jnp.zeros([], jnp.float32)},

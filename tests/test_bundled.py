@@ -38,6 +38,6 @@ def test_digits_trains_the_digits_mlp_and_is_deterministic():
   losses, params = _train_digits(optax_learned.load("digits"))
   again, params_again = _train_digits(optax_learned.load("digits"))
   np.testing.assert_array_equal(losses, again)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
     np.testing.assert_array_equal(a, b)
   assert losses[-10:].mean() < 0.5 * losses[:5].mean()

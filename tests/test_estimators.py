@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import toy_problems as toy
-from metatrain import estimators
-from metatrain import truncation
+
+from metatrain import estimators, truncation
 from metatrain.tasks.quadratic import LinearRegressionTask
 
 SIGMA = 0.05
@@ -113,7 +112,7 @@ def test_pathwise_gradient_norm_explodes_with_unroll_length():
     state = est.init(meta_params, jax.random.PRNGKey(0), {})
     _, _, diagnostics = jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), {})
     norms.append(float(diagnostics["pathwise_norm"]))
-  assert all(b > 2 * a for a, b in zip(norms, norms[1:])), norms
+  assert all(b > 2 * a for a, b in zip(norms, norms[1:], strict=False)), norms
   assert norms[-1] > 100 * norms[0], norms
 
 

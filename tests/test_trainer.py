@@ -180,7 +180,7 @@ def test_sigkill_at_many_moments_including_checkpoint_writes(tmp_path):
   _, expected = _final_meta_params(reference)
   workdir = tmp_path / "killed"
   rng = np.random.default_rng(0)
-  for attempt in range(4):
+  for _ in range(4):
     process = _train_subprocess(workdir, 12)
     # Kill at a random moment, often in the middle of an asynchronous checkpoint write.
     time.sleep(float(rng.uniform(4.0, 12.0)))
