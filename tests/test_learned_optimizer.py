@@ -590,6 +590,10 @@ def test_nonfinite_gradients_propagate_when_not_skipped():
   assert int(state.count) == 1
   assert not bool(jnp.all(jnp.isfinite(updates["w"])))
   assert _all_finite(updates["b"])  # other leaves are unaffected
+  # Infinities are clipped to 1e18 like any huge gradient.
+  inf_grads = {**grads, "w": grads["w"].at[0, 0].set(jnp.inf)}
+  updates, state = update(meta_params, inf_grads, init(meta_params, params), params)
+  assert _all_finite(updates) and _all_finite(state)
 
 
 # -- hygiene ---------------------------------------------------------------------------------

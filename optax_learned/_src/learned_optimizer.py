@@ -7,7 +7,9 @@ column normalised by its root mean square over the tensor, plus training-time fe
 and a log-magnitude ``m`` and the update is ``-beta1 * d * exp(beta2 * m)``.
 
 Training-time features do not vary across elements, so their contribution to the first
-layer is folded into its bias once per step instead of being multiplied per element.
+layer is folded into its bias once per step instead of being multiplied per element. The
+features of every leaf are laid out as ``[num_features, num_elements]`` rows (elements on
+the minor axis) and all leaves go through the MLP together, as one chain of matrix products.
 
 References:
   Metz, Maheswaranathan, Nixon, Freeman, Sohl-Dickstein. "Understanding and correcting
@@ -73,7 +75,8 @@ class LearnedOptimizer:
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.transform(meta_params))
 
   Attributes:
-    hidden_sizes: widths of the MLP's hidden layers.
+    hidden_sizes: widths of the MLP's hidden layers. The default ``(16,)`` (``(32, 32)``
+      before 0.1.0) keeps the update cheap on CPU; see ``benchmarks/bench_update.py``.
     momentum_decays: decays of the momentum accumulators (one feature each).
     second_moment_decay: decay of the squared-gradient accumulator.
     time_scales: scales ``s`` of the training-time features ``tanh(t / s - 1)``.
@@ -84,13 +87,16 @@ class LearnedOptimizer:
     epsilon: added to the second moment before its reciprocal square root.
     activation: hidden activation, one of ``"relu"``, ``"gelu"``, ``"tanh"``.
     skip_nonfinite: if true, a step whose gradients contain NaN or Inf leaves the
-      parameters (zero update) and the optimizer state (count included) unchanged.
+      parameters (zero update) and the optimizer state (count included) unchanged, and
+      contributes zeros (not NaN) to derivatives with respect to the meta-parameters. If
+      false, nothing is skipped: NaN propagates into the updates and the state, and
+      infinities are clipped to 1e18 like any huge gradient.
 
   References:
     Metz et al. 2019, "Understanding and correcting pathologies in the training of
     learned optimizers", ICML. arXiv:1810.10180.
   """
-  hidden_sizes: tuple[int, ...] = (32, 32)
+  hidden_sizes: tuple[int, ...] = (16,)
   momentum_decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
   second_moment_decay: float = 0.999
   time_scales: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0,
@@ -228,7 +234,8 @@ class LearnedOptimizer:
     param_leaves = treedef.flatten_up_to(params)
     finite = None
     if self.skip_nonfinite and grads:
-      finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in grads]))
+      # One reduction over all leaves (XLA fuses the concatenation into it).
+      finite = jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(g) for g in grads])))
       # A skipped step still runs; with its gradients zeroed its arithmetic stays finite, so
       # it contributes zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
       grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
@@ -356,7 +363,9 @@ def _normalize(x: jax.Array, axis: int, epsilon: float = 1e-12) -> jax.Array:
   The values are first scaled by their largest magnitude along ``axis`` (a constant for
   differentiation, since the result does not depend on it), so huge inputs (1e30) do not
   overflow when squared, and all-zero slices give zeros with finite gradients. Zero-size
-  inputs give zero-size outputs.
+  inputs give zero-size outputs. The result is ``x / sqrt(mean(x**2) + epsilon * max|x|**2)``
+  for magnitudes up to about 8e37; above that the reciprocal of the scale is subnormal (XLA
+  on CPU flushes it to zero) and the result, still finite, is meaningless.
   """
   size = x.shape[axis]
   scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0))
@@ -370,6 +379,6 @@ def normalize_columns(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
 
   The columns are first scaled by their largest magnitude (a constant for differentiation,
   since the result does not depend on it), so huge inputs (1e30) do not overflow when
-  squared, and all-zero columns give zeros with finite gradients.
+  squared, and all-zero columns give zeros with finite gradients. See ``_normalize``.
   """
   return _normalize(x, axis=0, epsilon=epsilon)
