@@ -487,6 +487,7 @@ def test_config_round_trips_through_dict():
 
 _EXTREMES = {
     "zero grads, zero params": (0.0, 0.0),
+    "tiny spike": (1e-37, 0.0),  # normalising it would need a factor beyond float32
     "huge grads": (1e30, 1.0),
     "huge params": (1e-3, 1e30),
     "huge both": (-1e30, 1e30),
@@ -498,10 +499,12 @@ _EXTREMES = {
 def _extreme_tree(grad_value, param_value):
   grads = {"w": jnp.full((3, 2), grad_value, jnp.float32),
            "mixed": jnp.asarray([grad_value, 0.0, -1.0], jnp.float32),
-           "s": jnp.asarray(grad_value, jnp.float32)}
+           "s": jnp.asarray(grad_value, jnp.float32),
+           "sparse": jnp.zeros(4096, jnp.float32).at[7].set(grad_value)}
   params = {"w": jnp.full((3, 2), param_value, jnp.float32),
             "mixed": jnp.asarray([param_value, 0.0, 1.0], jnp.float32),
-            "s": jnp.asarray(param_value, jnp.float32)}
+            "s": jnp.asarray(param_value, jnp.float32),
+            "sparse": jnp.zeros(4096, jnp.float32).at[3].set(param_value)}
   return grads, params
 
 
