@@ -497,12 +497,10 @@ _EXTREMES = {
 
 
 def _extreme_tree(grad_value, param_value):
-  grads = {"w": jnp.full((3, 2), grad_value, jnp.float32),
-           "mixed": jnp.asarray([grad_value, 0.0, -1.0], jnp.float32),
+  grads = {"mixed": jnp.asarray([grad_value, 0.0, -1.0], jnp.float32),
            "s": jnp.asarray(grad_value, jnp.float32),
            "sparse": jnp.zeros(4096, jnp.float32).at[7].set(grad_value)}
-  params = {"w": jnp.full((3, 2), param_value, jnp.float32),
-            "mixed": jnp.asarray([param_value, 0.0, 1.0], jnp.float32),
+  params = {"mixed": jnp.asarray([param_value, 0.0, 1.0], jnp.float32),
             "s": jnp.asarray(param_value, jnp.float32),
             "sparse": jnp.zeros(4096, jnp.float32).at[3].set(param_value)}
   return grads, params
