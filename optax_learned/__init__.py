@@ -10,24 +10,26 @@ References:
   optimizers", ICML. arXiv:1810.10180.
 """
 
-from optax_learned._src.checkpoint import FORMAT_VERSION
-from optax_learned._src.checkpoint import available
-from optax_learned._src.checkpoint import load
-from optax_learned._src.checkpoint import load_metadata
-from optax_learned._src.checkpoint import load_weights
-from optax_learned._src.checkpoint import save
-from optax_learned._src.errors import CheckpointArraysError
-from optax_learned._src.errors import CheckpointConfigError
-from optax_learned._src.errors import CheckpointError
-from optax_learned._src.errors import CheckpointNotFoundError
-from optax_learned._src.errors import CheckpointVersionError
-from optax_learned._src.errors import InvalidTreeError
-from optax_learned._src.errors import LearnedOptimizerError
-from optax_learned._src.errors import MissingParamsError
-from optax_learned._src.errors import UnknownOptimizerError
-from optax_learned._src.learned_optimizer import LearnedOptimizer
-from optax_learned._src.learned_optimizer import LearnedOptimizerState
-from optax_learned._src.learned_optimizer import MetaParams
+from optax_learned._src.checkpoint import (
+    FORMAT_VERSION,
+    available,
+    load,
+    load_metadata,
+    load_weights,
+    save,
+)
+from optax_learned._src.errors import (
+    CheckpointArraysError,
+    CheckpointConfigError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    InvalidTreeError,
+    LearnedOptimizerError,
+    MissingParamsError,
+    UnknownOptimizerError,
+)
+from optax_learned._src.learned_optimizer import LearnedOptimizer, LearnedOptimizerState, MetaParams
 
 __version__ = "0.1.0"
 
