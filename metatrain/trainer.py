@@ -56,16 +56,18 @@ def build_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Tas
     config: the run.
     data_dir: where datasets are, for tasks that read one (``None``: their default).
   """
-  overrides = dict(config.task_overrides)
+  overrides = _lists_to_tuples(config.task_overrides)
   if config.task_family:
-    family = families.get_family(config.task_family, **_lists_to_tuples(overrides))
-    if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(family)}:
-      family = dataclasses.replace(family, data_dir=data_dir)
+    family = _with_data_dir(families.get_family(config.task_family, **overrides), data_dir)
     return [family.sample(config.seed * 1000 + i) for i in range(config.num_task_variants)]
-  task = families.get_task(config.task, **_lists_to_tuples(overrides))
-  if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(task)}:
-    task = dataclasses.replace(task, data_dir=data_dir)
-  return [task]
+  return [_with_data_dir(families.get_task(config.task, **overrides), data_dir)]
+
+
+def _with_data_dir(task_or_family, data_dir: str | None):
+  """Points a task or family at ``data_dir`` when it reads a dataset and one is given."""
+  if data_dir is None or "data_dir" not in {f.name for f in dataclasses.fields(task_or_family)}:
+    return task_or_family
+  return dataclasses.replace(task_or_family, data_dir=data_dir)
 
 
 def _lists_to_tuples(values: dict[str, Any]) -> dict[str, Any]:
