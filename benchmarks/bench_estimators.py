@@ -139,9 +139,11 @@ class TrainingLoop:
 # -- the estimators ----------------------------------------------------------------------
 
 
-def estimator_config(name: str, truncation_length: int) -> estimators.EstimatorConfig:
-  """The ``cifar`` recipe's estimator settings with 8 x 8 particles."""
-  config = configs.get_config("cifar").estimator_config()
+def estimator_config(name: str, truncation_length: int,
+                     run_config: configs.RunConfig | None = None) -> estimators.EstimatorConfig:
+  """``run_config``'s estimator settings (default: the ``cifar`` recipe's) with 8 x 8 particles."""
+  run_config = run_config or configs.get_config("cifar")
+  config = run_config.estimator_config()
   return dataclasses.replace(
       config, estimator=name, num_tasks=NUM_TASKS, num_pairs=NUM_PAIRS,
       truncation=dataclasses.replace(config.truncation, truncation_length=truncation_length))
@@ -317,7 +319,8 @@ def _reexec_with_devices(count: int) -> None:
 
 
 def bench_task(task: base.Task, lopt: optax_learned.LearnedOptimizer, names: list[str],
-               truncation_length: int, device_counts: list[int], repeats: int) -> bool:
+               truncation_length: int, device_counts: list[int], repeats: int,
+               run_config: configs.RunConfig) -> bool:
   """Prints one task's table of estimators against the Adam loop.
 
   Each estimator is timed interleaved with the Adam loop, so both see the same load
@@ -339,7 +342,7 @@ def bench_task(task: base.Task, lopt: optax_learned.LearnedOptimizer, names: lis
         f"{'temp MB':>9}  verdict")
   missed = False
   for name in names:
-    config = estimator_config(name, truncation_length)
+    config = estimator_config(name, truncation_length, run_config)
     for count in device_counts:
       run = EstimatorRun(task, data, lopt, config, jax.devices()[:count])
       if count * run.temp_bytes > 0.8 * available_bytes():  # host devices share the RAM
@@ -370,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--estimators", nargs="*", default=list(estimators.ESTIMATORS),
                       choices=estimators.ESTIMATORS)
   parser.add_argument("--truncation_length", type=int, default=20)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of the cifar recipe, as `metatrain train --set` "
+                           "does (e.g. meta_loss_every=20, remat=true, "
+                           "optimizer.hidden_sizes=[16]); repeatable")
   parser.add_argument("--repeats", type=int, default=3,
                       help="timed estimates per estimator (median), interleaved with Adam")
   parser.add_argument("--devices", type=int, default=1,
@@ -393,19 +400,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"the CIFAR tasks need --data_dir or {data_lib.ENV_VAR} (a directory with "
                  f"{data_lib.TRAIN_FILE})")
 
-  run_config = configs.get_config("cifar")
+  run_config = configs.get_config("cifar").with_overrides(
+      [f"truncation_length={args.truncation_length}", *args.set])
   lopt = optax_learned.LearnedOptimizer(**run_config.optimizer)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, {len(jax.devices())} device(s), load "
         f"{os.getloadavg()[0]:.1f}; optimizer {lopt.hidden_sizes}, {NUM_TASKS} tasks x "
         f"{NUM_PAIRS} pairs, truncation {args.truncation_length}, sigma {run_config.sigma}, "
-        f"meta-loss on {run_config.meta_loss_split}; medians of {args.repeats}", flush=True)
+        f"meta-loss on {run_config.meta_loss_split} every {run_config.meta_loss_every} step(s), "
+        f"remat {run_config.remat}; medians of {args.repeats}", flush=True)
   missed = False
   for task_name in args.tasks:
     overrides = {"data_dir": args.data_dir} if task_name.startswith("cifar") else {}
     task = families.get_task(task_name, **overrides)
     missed |= bench_task(task, lopt, args.estimators, args.truncation_length,
-                         _device_counts(args.devices), args.repeats)
+                         _device_counts(args.devices), args.repeats, run_config)
     if args.profile:
       print(f"  profile: per inner step of one particle, {args.profile_particles} particles "
             f"(gradients {args.profile_particles // 2}), {args.truncation_length} steps:")

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--cache_dir", default=None,
                       help=f"baseline cache (default {evaluation.DEFAULT_CACHE_DIR})")
   parser.add_argument("--no_cache", action="store_true")
+  parser.add_argument("--timing_reps", type=int, default=20,
+                      help="rounds of the interleaved step-cost measurement (0: skip)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   logging.getLogger("jax").setLevel(logging.WARNING)
@@ -82,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = evaluation.evaluate(
         optimizer, name, steps=args.steps, seeds=args.seeds, out_dir=out,
-        baselines=tuple(args.baselines.split(",")), learning_rates=args.learning_rates,
+        baselines=tuple(b for b in args.baselines.split(",") if b), learning_rates=args.learning_rates,
         eval_every=args.eval_every, data_dir=args.data_dir, cache_dir=args.cache_dir,
         task_overrides=overrides, num_eval_batches=args.num_eval_batches,
-        use_cache=not args.no_cache)
+        use_cache=not args.no_cache, timing_reps=args.timing_reps)
     print(f"\n{name}: {time.perf_counter() - start:.0f} s, results in {out}\n")
     print(evaluation.markdown(results))
   return 0

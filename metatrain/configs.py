@@ -14,8 +14,10 @@ from metatrain import estimators, truncation
 
 __all__ = ("CONFIGS", "RUN_CONTROL_KEYS", "RunConfig", "get_config")
 
-# Keys that steer a run without changing what it computes: a run may resume with other values.
-RUN_CONTROL_KEYS = ("steps", "log_every", "checkpoint_every", "max_to_keep", "description")
+# Keys that steer a run without changing what it computes (up to floating-point rounding, as a
+# different device count does): a run may resume with other values.
+RUN_CONTROL_KEYS = ("steps", "log_every", "checkpoint_every", "max_to_keep", "description",
+                    "particle_chunk", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,12 @@ class RunConfig:
     log_loss: meta-train on log losses.
     loss_clip: per-step loss clip before the log.
     divergence_loss: a training loss above this resets the inner run (counted).
+    meta_loss_every: measure the meta-loss after every this many inner steps (a divisor of
+      ``truncation_length``); larger values skip validation passes.
+    remat: recompute inner steps in the backward pass (``jax.checkpoint``): less memory for
+      ``pathwise`` and ``merged``.
+    particle_chunk: particles vectorised together, the chunks run in turn (0: all at once);
+      with several devices, a multiple of their count. Speed and memory only.
     meta_learning_rate: Adam learning rate of the meta-optimizer.
     meta_grad_clip: global-norm clip of meta-gradients before Adam.
     optimizer: fields of :class:`optax_learned.LearnedOptimizer`.
@@ -68,6 +76,9 @@ class RunConfig:
   log_loss: bool = True
   loss_clip: float = 5.0
   divergence_loss: float = 1e4
+  meta_loss_every: int = 1
+  remat: bool = False
+  particle_chunk: int = 0
   meta_learning_rate: float = 1e-3
   meta_grad_clip: float = 1.0
   optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -98,12 +109,13 @@ class RunConfig:
     """The estimator settings of this run."""
     return estimators.EstimatorConfig(
         estimator=self.estimator, merged_es=self.merged_es, num_tasks=self.num_tasks,
-        num_pairs=self.num_pairs, sigma=self.sigma,
+        num_pairs=self.num_pairs, sigma=self.sigma, particle_chunk=self.particle_chunk,
         truncation=truncation.TruncationConfig(
             truncation_length=self.truncation_length, min_horizon=self.min_horizon,
             max_horizon=self.max_horizon, meta_loss_split=self.meta_loss_split,
             log_loss=self.log_loss, loss_clip=self.loss_clip,
-            divergence_loss=self.divergence_loss))
+            divergence_loss=self.divergence_loss, meta_loss_every=self.meta_loss_every,
+            remat=self.remat))
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-serialisable dict of every key."""

@@ -197,13 +197,15 @@ def _estimator_config(config: RunConfig, lengths: tuple[int, ...]
     ``(est_config, num_segments)``: the unroll is ``num_segments`` truncations of
     ``config.truncation_length`` steps (at most ``max(lengths)``), enough to cover every
     length, in one run whose horizon is their total (so it never resets) and without stagger.
+  The meta-loss is measured after every step (``meta_loss_every=1``) so that every prefix
+  length is scored.
   """
   segment = min(config.truncation_length, max(lengths))
   num_segments = math.ceil(max(lengths) / segment)
   est_config = config.estimator_config()
   return dataclasses.replace(est_config, estimator="es", truncation=dataclasses.replace(
       est_config.truncation, truncation_length=segment, min_horizon=segment * num_segments,
-      max_horizon=segment * num_segments, stagger=False)), num_segments
+      max_horizon=segment * num_segments, stagger=False, meta_loss_every=1)), num_segments
 
 
 def _long_unroll(task: base.Task, lopt: truncation.LearnedOptimizerLike,

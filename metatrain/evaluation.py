@@ -33,6 +33,12 @@ Protocol (:func:`evaluate`):
   ``steps // 5``. A learned optimizer meta-trained on horizons shorter than ``steps`` often
   fails this; the meta-training ``max_horizon`` is reported when the checkpoint records it.
 
+* Step cost, measured interleaved: wall-clock seconds of separate runs are distorted when the
+  machine's load changes between them. After training, the learned optimizer's step and each
+  tuned baseline's step are timed in turn, ``timing_reps`` rounds of ``TIMING_STEPS`` steps
+  each, and the median per-step costs give ``step_cost_ratio``; ``interleaved_time_ratio`` is
+  ``steps_ratio * step_cost_ratio``, the wall-clock ratio to the target at equal load.
+
 Baseline runs are cached as JSON files, one per (baseline, learning rate), keyed by the task
 (name, overrides and resolved configuration, without ``data_dir``), ``steps``, ``seeds``, the
 baseline, the learning rate, ``eval_every``, ``num_eval_batches``, the package and JAX
@@ -71,6 +77,8 @@ EVAL_SEED_OFFSET = 10_000
 STABILITY_TOLERANCE = 1.05
 DEFAULT_CACHE_DIR = "~/.cache/optax_learned/baselines"
 DEFAULT_NUM_EVAL_BATCHES = 10
+# Steps per optimizer per round of the interleaved step-cost measurement.
+TIMING_STEPS = 10
 # The fixed key of the evaluation batches (the same for every optimizer, seed and run).
 _EVAL_BATCH_SEED = 987_654_321
 
@@ -367,6 +375,47 @@ def best_learning_rate(runs: Mapping[float, Run]) -> float:
   return min(scores, key=scores.get)
 
 
+def interleaved_step_seconds(txs: dict[str, optax.GradientTransformation], task: base.Task,
+                             data: base.Data, reps: int, steps: int | None = None
+                             ) -> dict[str, float]:
+  """Median seconds per training step of each transformation, timed in turn.
+
+  Each round times ``steps`` (default :data:`TIMING_STEPS`) steps of every transformation one
+  after another, so that changes in the machine's load hit all of them alike.
+
+  Args:
+    txs: the transformations by name.
+    task: the task they train.
+    data: its device data.
+    reps: timed rounds (after one untimed warm-up round).
+    steps: steps per transformation per round.
+
+  Returns:
+    The median over rounds of seconds per step, by name.
+  """
+  steps = TIMING_STEPS if steps is None else steps
+  _check_positive(reps=reps, steps=steps)
+  key = jax.random.key(EVAL_SEED_OFFSET)
+  loops = {}
+  for name, tx in txs.items():
+    params = task.init_params(key)
+    state = jax.tree.map(jnp.copy, (params, tx.init(params), jnp.zeros([], jnp.float32),
+                                    jnp.zeros([], jnp.int32)))
+    loops[name] = [_make_train_step(task, tx), state]
+  times = {name: [] for name in txs}
+  for rep in range(reps + 1):
+    for name, loop in loops.items():
+      step, state = loop
+      start = time.perf_counter()
+      for _ in range(steps):
+        state = step(*state, key, data)
+      jax.block_until_ready(state)
+      loop[1] = state
+      if rep:  # round 0 compiles and warms up
+        times[name].append((time.perf_counter() - start) / steps)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def compare(learned: Run, baseline: Run) -> dict[str, Any]:
   """Time to the baseline's final training loss, for both runs, and final metrics."""
   base_metrics, learned_metrics = final_metrics(baseline), final_metrics(learned)
@@ -403,6 +452,7 @@ def evaluate(
     task_overrides: dict[str, Any] | None = None,
     num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES,
     use_cache: bool = True,
+    timing_reps: int = 20,
 ) -> dict[str, Any]:
   """Evaluates a learned optimizer against baselines tuned over learning-rate grids.
 
@@ -425,6 +475,7 @@ def evaluate(
     task_overrides: fields replaced in the task, e.g. ``{"batch_size": 64}``.
     num_eval_batches: fixed training and validation batches per evaluation.
     use_cache: read and write the baseline cache.
+    timing_reps: rounds of the interleaved step-cost measurement (0: skip it).
 
   Returns:
     The contents of ``results.json``: ``task``, ``protocol``, ``environment``, ``learned``
@@ -485,6 +536,12 @@ def evaluate(
     logger.info("training the learned optimizer %s on %s", optimizer, task)
     run = evaluate_transformation(learned_tx, task_obj, **train_kwargs)
     learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer), "run": run}
+    if timing_reps:
+      logger.info("timing the steps interleaved (%d rounds)", timing_reps)
+      txs = {"learned": learned_tx, **{
+          name: _baseline(name, b["best_learning_rate"]) for name, b in baseline_results.items()}}
+      learned["step_seconds_interleaved"] = interleaved_step_seconds(
+          txs, task_obj, data, timing_reps)
 
   results = {
       "schema_version": SCHEMA_VERSION,
@@ -523,6 +580,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     summary["learned"] = {**final_metrics(run), **stability(run, steps), "horizon": horizon,
                           "steps_exceed_horizon": None if horizon is None else steps > horizon}
     summary["comparisons"] = {name: compare(run, base) for name, base in tuned.items()}
+    costs = results["learned"].get("step_seconds_interleaved")
+    for name, comparison in summary["comparisons"].items():
+      cost_ratio = _ratio(costs["learned"], costs[name]) if costs else None
+      comparison["step_cost_ratio"] = cost_ratio
+      comparison["interleaved_time_ratio"] = (
+          None if cost_ratio is None or comparison["steps_ratio"] is None
+          else comparison["steps_ratio"] * cost_ratio)
     if best is not None:
       summary["vs_best"] = {"baseline": best, **summary["comparisons"][best]}
   return summary
@@ -572,15 +636,17 @@ def markdown(results: dict[str, Any]) -> str:
         "Target: each baseline's final training loss. Ratios are learned / baseline (below 1: "
         "the learned optimizer reaches the target sooner).", "",
         "| baseline | target | baseline steps | learned steps | step ratio | baseline s "
-        "| learned s | time ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| learned s | time ratio | step cost ratio (interleaved) | time ratio (interleaved) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in summary["comparisons"].items():
       lines.append(
           f"| {name} | {_fmt(c['target_train_loss'])} | "
           f"{_fmt(c['baseline_steps_to_target'], '.0f')} | {_fmt(c['steps_to_target'], '.0f')} "
           f"| {_fmt(c['steps_ratio'], '.2f')} | {_fmt(c['baseline_seconds_to_target'], '.3g')} "
-          f"| {_fmt(c['seconds_to_target'], '.3g')} | {_fmt(c['seconds_ratio'], '.2f')} |")
+          f"| {_fmt(c['seconds_to_target'], '.3g')} | {_fmt(c['seconds_ratio'], '.2f')} "
+          f"| {_fmt(c.get('step_cost_ratio'), '.3f')} "
+          f"| {_fmt(c.get('interleaved_time_ratio'), '.2f')} |")
     learned = summary["learned"]
     if learned["horizon"] is not None:
       lines += ["", f"Meta-training horizon: {learned['horizon']} steps."]

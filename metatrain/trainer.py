@@ -103,6 +103,10 @@ class MetaTrainer:
     if num_particles % len(devices):
       raise ValueError(f"num_tasks * num_pairs = {num_particles} must be divisible by the "
                        f"number of devices ({len(devices)})")
+    if config.particle_chunk % len(devices):
+      raise ValueError(f"particle_chunk = {config.particle_chunk} must be a multiple of the "
+                       f"number of devices ({len(devices)}) so that each device runs its own "
+                       f"particles")
     self.mesh = Mesh(np.asarray(devices), ("particles",))
     self.progress = sys.stderr.isatty() if progress is None else progress
     self._step_fns = [jax.jit(functools.partial(self._meta_step, slot), donate_argnums=0)

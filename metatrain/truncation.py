@@ -25,7 +25,8 @@ import optax
 from metatrain.tasks import base
 
 __all__ = ("InnerState", "LearnedOptimizerLike", "TruncationConfig", "UnrollOutput", "diverged",
-           "force_reset", "init_inner_state", "meta_loss_term", "sample_horizon", "unroll")
+           "force_reset", "init_inner_state", "meta_loss_term", "resets_before_measurements",
+           "sample_horizon", "unroll")
 
 MetaParams = Any
 
@@ -48,7 +49,14 @@ class TruncationConfig:
     max_horizon: longest inner run; equal to ``min_horizon`` for a fixed horizon, otherwise
       horizons are log-uniform in ``[min_horizon, max_horizon]``.
     meta_loss_split: ``"valid"`` (the paper's recommendation) or ``"train"``: which split the
-      meta-loss is measured on after every inner step.
+      meta-loss is measured on.
+    meta_loss_every: the meta-loss is measured after every ``meta_loss_every``-th inner step
+      (it must divide ``truncation_length``). 1 measures after every step; larger values
+      estimate the same mean over the run from fewer, evenly spaced measurements and skip the
+      cost of the other validation passes.
+    remat: recompute each inner step's intermediates in the backward pass
+      (``jax.checkpoint``) instead of storing them: the pathwise gradient then stores only the
+      inner state per step, at the cost of a second forward pass.
     log_loss: meta-train on ``log(loss)`` rather than the loss.
     loss_clip: the per-step loss is clipped at this value (and non-finite losses replaced by
       it) before the log, so diverging runs give bounded meta-losses.
@@ -65,10 +73,16 @@ class TruncationConfig:
   loss_clip: float = 5.0
   divergence_loss: float = 1e4
   stagger: bool = True
+  meta_loss_every: int = 1
+  remat: bool = False
 
   def __post_init__(self):
     if self.truncation_length < 1:
       raise ValueError(f"truncation_length must be >= 1, got {self.truncation_length}")
+    if self.meta_loss_every < 1 or self.truncation_length % self.meta_loss_every:
+      raise ValueError(
+          f"meta_loss_every must be a positive divisor of truncation_length "
+          f"({self.truncation_length}), got {self.meta_loss_every}")
     if not self.truncation_length <= self.min_horizon <= self.max_horizon:
       raise ValueError(
           "need truncation_length <= min_horizon <= max_horizon, got "
@@ -88,10 +102,31 @@ class InnerState(NamedTuple):
 
 
 class UnrollOutput(NamedTuple):
-  """Per-step outputs of :func:`unroll`, each of shape ``[truncation_length]``."""
-  meta_losses: jax.Array   # the (clipped, optionally log) meta-loss after each step
+  """Outputs of :func:`unroll`.
+
+  ``meta_losses`` has one entry per measurement (``[truncation_length // meta_loss_every]``),
+  the others one per step (``[truncation_length]``).
+  """
+  meta_losses: jax.Array   # the (clipped, optionally log) meta-loss at each measurement
   train_losses: jax.Array  # the raw training loss of each step
   resets: jax.Array        # bool: a new run started at the start of this step
+
+
+def resets_before_measurements(config: TruncationConfig, resets: jax.Array) -> jax.Array:
+  """Whether a run reset at or before each measurement's step, within its window.
+
+  Args:
+    config: truncation settings.
+    resets: per-step reset flags ``[..., truncation_length]``.
+
+  Returns:
+    ``[..., truncation_length // meta_loss_every]``: measurement ``j`` (after step
+    ``(j + 1) * meta_loss_every - 1``) is true when a reset happened in its window of steps,
+    so that a cumulative "any" over measurements tells which ones follow a reset.
+  """
+  chex.assert_axis_dimension(resets, -1, config.truncation_length)
+  windows = resets.reshape(resets.shape[:-1] + (-1, config.meta_loss_every))
+  return jnp.any(windows, axis=-1)
 
 
 def sample_horizon(config: TruncationConfig, key: chex.PRNGKey) -> jax.Array:
@@ -141,7 +176,9 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
   """Runs one truncation of inner training with the learned optimizer at ``meta_params``.
 
   Each step first resets the run if it reached its horizon, then takes a training step on a
-  train batch and measures the meta-loss on a fresh batch of ``config.meta_loss_split``.
+  train batch. After every ``config.meta_loss_every``-th step the meta-loss is measured on a
+  fresh batch of ``config.meta_loss_split``. Steps run in ``lax.scan`` (nested: windows of
+  ``meta_loss_every`` steps, each followed by one measurement).
 
   Args:
     task: the inner problem.
@@ -152,11 +189,11 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
     data: the task's arrays.
 
   Returns:
-    The state after ``config.truncation_length`` steps and the per-step outputs.
+    The state after ``config.truncation_length`` steps and the outputs.
   """
   tx = lopt.transform(meta_params)
 
-  def step(state: InnerState, _):
+  def train_step(state: InnerState, _):
     reset = state.step >= state.horizon
     fresh = _fresh_run(task, tx, config, jax.random.split(state.run_key)[1])
     state = jax.tree.map(lambda new, old: jnp.where(reset, new, old), fresh, state)
@@ -166,11 +203,22 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
         state.params, task.sample_batch(data, train_key, "train"))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    meta_loss = task.loss(params, task.sample_batch(data, meta_key, config.meta_loss_split))
     new_state = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
-    return new_state, UnrollOutput(meta_loss_term(config, meta_loss), train_loss, reset)
+    return new_state, (train_loss, reset, meta_key)
 
-  return jax.lax.scan(step, state, length=config.truncation_length)
+  if config.remat:
+    train_step = jax.checkpoint(train_step)
+
+  def window(state: InnerState, _):
+    state, (train_losses, resets, meta_keys) = jax.lax.scan(
+        train_step, state, length=config.meta_loss_every)
+    meta_loss = task.loss(state.params,
+                          task.sample_batch(data, meta_keys[-1], config.meta_loss_split))
+    return state, (meta_loss_term(config, meta_loss), train_losses, resets)
+
+  num_windows = config.truncation_length // config.meta_loss_every
+  state, (meta_losses, train_losses, resets) = jax.lax.scan(window, state, length=num_windows)
+  return state, UnrollOutput(meta_losses, train_losses.reshape(-1), resets.reshape(-1))
 
 
 def diverged(config: TruncationConfig, output: UnrollOutput) -> jax.Array:

@@ -1,5 +1,8 @@
 """Statistical tests of the meta-gradient estimators against exact gradients."""
 
+import dataclasses
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,12 +15,13 @@ from metatrain.tasks.quadratic import LinearRegressionTask
 SIGMA = 0.05
 
 
-def _config(estimator, length, horizon, num_pairs, *, merged_es="pes", sigma=SIGMA):
+def _config(estimator, length, horizon, num_pairs, *, merged_es="pes", sigma=SIGMA,
+            meta_loss_every=1):
   return estimators.EstimatorConfig(
       estimator=estimator, merged_es=merged_es, num_tasks=1, num_pairs=num_pairs, sigma=sigma,
       truncation=truncation.TruncationConfig(
           truncation_length=length, min_horizon=horizon, max_horizon=horizon, log_loss=False,
-          loss_clip=1e6, stagger=False))
+          loss_clip=1e6, stagger=False, meta_loss_every=meta_loss_every))
 
 
 def _repeated_estimates(est, meta_params, num_truncations, reps, data=None, seed=0):
@@ -87,6 +91,55 @@ def test_pes_is_unbiased_over_truncations_where_truncated_estimators_are_not(hor
     z[name] = _z_score(samples, reference, reference_se)
   assert z["pes"] < 4.0, z
   assert z["es"] > 8.0 and z["pathwise"] > 8.0, z
+
+
+def test_pes_is_unbiased_with_sparse_meta_loss_measurements():
+  # One measurement per truncation of 5 steps; horizon 18 resets inside the last truncation,
+  # before its measurement, so the accumulated perturbation must not be credited with it.
+  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
+  meta_params = lopt.init(None)
+  config = _config("pes", length=5, horizon=18, num_pairs=8, meta_loss_every=5)
+  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4)
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 4, 300)
+  assert abs(reference) > 10 * reference_se
+  assert _z_score(samples, reference, reference_se) < 4.0
+
+
+def test_sparse_meta_loss_measures_a_subset_of_the_same_steps():
+  task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  dense = truncation.TruncationConfig(truncation_length=6, min_horizon=8, max_horizon=8,
+                                      stagger=False)
+  sparse = dataclasses.replace(dense, meta_loss_every=3)
+  state = truncation.init_inner_state(task, lopt, meta_params, dense, jax.random.PRNGKey(0))
+  state = state._replace(step=jnp.asarray(4, jnp.int32))  # resets at the third step
+  dense_state, dense_out = truncation.unroll(task, lopt, dense, meta_params, state, data)
+  sparse_state, sparse_out = truncation.unroll(task, lopt, sparse, meta_params, state, data)
+  assert sparse_out.meta_losses.shape == (2,)
+  np.testing.assert_array_equal(sparse_out.meta_losses, dense_out.meta_losses[2::3])
+  np.testing.assert_array_equal(sparse_out.train_losses, dense_out.train_losses)
+  np.testing.assert_array_equal(sparse_out.resets, dense_out.resets)
+  chex.assert_trees_all_equal(sparse_state, dense_state)
+  np.testing.assert_array_equal(
+      truncation.resets_before_measurements(sparse, sparse_out.resets), [False, True])
+  with pytest.raises(ValueError, match="meta_loss_every must be a positive divisor"):
+    dataclasses.replace(dense, meta_loss_every=4)
+
+
+def test_remat_gives_the_same_pathwise_gradient():
+  task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  plain = truncation.TruncationConfig(truncation_length=4, min_horizon=6, max_horizon=6,
+                                      stagger=False)
+  state = truncation.init_inner_state(task, lopt, meta_params, plain, jax.random.PRNGKey(0))
+
+  def gradient(config):
+    loss = lambda theta: jnp.mean(
+        truncation.unroll(task, lopt, config, theta, state, data)[1].meta_losses)
+    return jax.jit(jax.grad(loss))(meta_params)
+
+  chex.assert_trees_all_close(gradient(dataclasses.replace(plain, remat=True)),
+                              gradient(plain), rtol=1e-6)
 
 
 def test_merged_variance_is_no_larger_than_either_part():
@@ -172,3 +225,27 @@ def test_merge_by_inverse_variance_weights():
   merged, es_weight = estimators.merge_by_inverse_variance(rp, es)
   np.testing.assert_allclose(merged["w"], [1.0, 1.0], atol=1e-6)
   np.testing.assert_allclose(es_weight["w"], [0.0, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 6])
+def test_map_particles_matches_vmap(chunk):
+  xs = {"a": jnp.arange(12.0).reshape(6, 2), "b": jnp.arange(6)}
+  fn = lambda x: {"sum": jnp.sum(x["a"]) * x["b"], "a": x["a"] * 2}
+  chex.assert_trees_all_equal(estimators.map_particles(fn, xs, chunk), jax.vmap(fn)(xs))
+  with pytest.raises(ValueError, match="particle_chunk must divide the 6 particles"):
+    estimators.map_particles(fn, xs, 4)
+
+
+def test_chunked_estimates_match_vectorised_ones():
+  task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  results = []
+  for chunk in (0, 2):
+    config = dataclasses.replace(_config("merged", length=4, horizon=6, num_pairs=4),
+                                 particle_chunk=chunk)
+    est = estimators.Estimator(task, lopt, config)
+    state = est.init(meta_params, jax.random.PRNGKey(0), data)
+    results.append(jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), data))
+  chex.assert_trees_all_close(results[0], results[1], rtol=1e-5)
+  with pytest.raises(ValueError, match="particle_chunk must be 0 or divide"):
+    estimators.EstimatorConfig(num_tasks=1, num_pairs=4, particle_chunk=3)

@@ -13,7 +13,7 @@ from metatrain import evaluation
 
 LEARNING_RATES = (1e-2, 1e-1)
 PROTOCOL = dict(steps=20, seeds=2, eval_every=10, learning_rates=LEARNING_RATES,
-                num_eval_batches=2)
+                num_eval_batches=2, timing_reps=2)
 
 
 @pytest.fixture
@@ -80,6 +80,16 @@ def test_evaluate_outputs_selection_and_cache(tmp_path, learned_path, counted):
           "final_train_loss", "final_valid_loss", "final_accuracy"} <= set(summary["vs_best"])
   assert {"diverged", "stable"} <= set(summary["learned"])
   assert "| learned" in (out / "results.md").read_text()
+  # Step costs timed interleaved give the load-independent wall-clock ratio.
+  costs = stored["learned"]["step_seconds_interleaved"]
+  assert set(costs) == {"learned", "adam", "sgd_momentum", "rmsprop"}
+  assert all(c > 0 for c in costs.values())
+  for name, comparison in summary["comparisons"].items():
+    assert comparison["step_cost_ratio"] == pytest.approx(costs["learned"] / costs[name])
+    if comparison["steps_ratio"] is not None:
+      assert comparison["interleaved_time_ratio"] == pytest.approx(
+          comparison["steps_ratio"] * comparison["step_cost_ratio"])
+  assert "time ratio (interleaved)" in (out / "results.md").read_text()
 
   again = evaluation.evaluate(learned_path, "linear_regression", **kwargs)
   assert counted == {"baseline": 6, "learned": 2}  # baselines came from the cache

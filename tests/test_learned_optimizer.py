@@ -46,7 +46,8 @@ def reference_step(lopt, meta_params, grads, params, state):
   for key in grads:
     g = np.clip(np.asarray(grads[key], np.float64), -1e18, 1e18)
     p = np.asarray(params[key], np.float64)
-    m = decays * np.asarray(momentum[key], np.float64) + (1 - decays) * g[..., None]
+    m_old = np.moveaxis(np.asarray(momentum[key], np.float64), 0, -1)  # decays last
+    m = decays * m_old + (1 - decays) * g[..., None]
     v = beta2 * np.asarray(second_moment[key], np.float64) + (1 - beta2) * g * g
     r = 1.0 / np.sqrt(v + lopt.epsilon)
     columns = [g, p] + [m[..., i] for i in range(len(decays))] + [r, g * r] + [
@@ -64,7 +65,7 @@ def reference_step(lopt, meta_params, grads, params, state):
         h = act(h)
     step = lopt.step_mult * h[:, 0] * np.exp(lopt.exp_mult * h[:, 1])
     updates[key] = -step.reshape(p.shape)
-    new_m[key], new_v[key] = m, v
+    new_m[key], new_v[key] = np.moveaxis(m, -1, 0), v
   return updates, (count + 1, new_m, new_v)
 
 
@@ -146,7 +147,7 @@ def test_matches_numpy_reference_from_a_late_state():
   rng = np.random.default_rng(6)
   state = optax_learned.LearnedOptimizerState(
       count=jnp.asarray(37, jnp.int32),
-      momentum=jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape + (5,)), jnp.float32),
+      momentum=jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(5,) + p.shape), jnp.float32),
                             params),
       second_moment=jax.tree.map(lambda p: jnp.asarray(rng.uniform(size=p.shape), jnp.float32),
                                  params))
@@ -177,7 +178,7 @@ def test_leaf_features_columns_have_unit_rms():
 
   @jax.jit
   def features_of(g, p):
-    _, m, v = lopt._accumulate(g, jnp.zeros((7, 5, 5)), jnp.zeros((7, 5)))
+    _, m, v = lopt._accumulate(g, jnp.zeros((5, 7, 5)), jnp.zeros((7, 5)))
     return lopt.leaf_features(g, p, m, v)
 
   features = features_of(g, p)

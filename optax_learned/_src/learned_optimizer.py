@@ -49,7 +49,7 @@ class LearnedOptimizerState(NamedTuple):
 
   Attributes:
     count: number of updates applied so far (int32 scalar); drives the time features.
-    momentum: per leaf, float32 array of shape ``leaf.shape + (len(momentum_decays),)``.
+    momentum: per leaf, float32 array of shape ``(len(momentum_decays),) + leaf.shape``.
     second_moment: per leaf, float32 array of the leaf's shape.
   """
   count: jax.Array
@@ -212,7 +212,7 @@ class LearnedOptimizer:
     num_momenta = len(self.momentum_decays)
     return LearnedOptimizerState(
         count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p) + (num_momenta,), jnp.float32),
+        momentum=jax.tree.map(lambda p: jnp.zeros((num_momenta,) + jnp.shape(p), jnp.float32),
                               params),
         second_moment=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
 
@@ -234,7 +234,7 @@ class LearnedOptimizer:
         jax.tree.map(_shape_dtype, updates), jax.tree.map(_shape_dtype, params),
         state.second_moment)
     chex.assert_trees_all_equal_shapes(state.momentum, jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(jnp.shape(v) + (num_momenta,), jnp.float32),
+        lambda v: jax.ShapeDtypeStruct((num_momenta,) + jnp.shape(v), jnp.float32),
         state.second_moment))
 
     grads, treedef = jax.tree.flatten(updates)
@@ -287,8 +287,8 @@ class LearnedOptimizer:
     """The clipped float32 gradient, and the accumulators updated with it."""
     g = jnp.clip(jnp.asarray(g).astype(jnp.float32), -_MAX_GRADIENT_MAGNITUDE,
                  _MAX_GRADIENT_MAGNITUDE)
-    decays = jnp.asarray(self.momentum_decays, jnp.float32)
-    m = decays * m + (1.0 - decays) * g[..., None]
+    decays = jnp.asarray(self.momentum_decays, jnp.float32).reshape((-1,) + (1,) * g.ndim)
+    m = decays * m + (1.0 - decays) * g[None]
     v = self.second_moment_decay * v + (1.0 - self.second_moment_decay) * jnp.square(g)
     return g, m, v
 
@@ -303,15 +303,16 @@ class LearnedOptimizer:
     num_momenta = len(self.momentum_decays)
     g = jnp.reshape(g, (size,))
     p = jnp.reshape(jnp.asarray(p).astype(jnp.float32), (size,))
-    m = jnp.reshape(m, (size, num_momenta))
+    m = jnp.reshape(m, (num_momenta, size))
     rsqrt_v = jax.lax.rsqrt(jnp.reshape(v, (size,)) + self.epsilon)
-    rows = ([g, p] + [m[:, k] for k in range(num_momenta)] + [rsqrt_v, g * rsqrt_v]
-            + [m[:, k] * rsqrt_v for k in range(num_momenta)])
-    # The rows are written in place one at a time: XLA on CPU compiles a concatenation of
-    # many operands into a much slower loop (the whole update was ~20% slower).
-    features = jnp.zeros((len(rows), size), jnp.float32)
-    for i, row in enumerate(rows):
-      features = jax.lax.dynamic_update_slice(features, row[None], (i, 0))
+    blocks = [jnp.stack([g, p]), m, jnp.stack([rsqrt_v, g * rsqrt_v]), m * rsqrt_v]
+    # The blocks are written in place one at a time: XLA on CPU compiles a concatenation of
+    # many operands into a much slower loop.
+    features = jnp.zeros((self.num_features, size), jnp.float32)
+    row = 0
+    for block in blocks:
+      features = jax.lax.dynamic_update_slice(features, block, (row, 0))
+      row += block.shape[0]
     return features
 
   def _leaf_step(self, meta_params: MetaParams, first_bias: jax.Array,
