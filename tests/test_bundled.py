@@ -6,6 +6,7 @@ import optax
 
 import optax_learned
 from metatrain.tasks import get_task
+from metatrain.tasks.convnet import ConvNetTask
 
 
 def _train_digits(tx, steps=60, seed=0):
@@ -41,3 +42,48 @@ def test_digits_trains_the_digits_mlp_and_is_deterministic():
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
     np.testing.assert_array_equal(a, b)
   assert losses[-10:].mean() < 0.5 * losses[:5].mean()
+
+
+def test_cifar_is_listed_with_a_description_and_a_model_card():
+  available = optax_learned.available()
+  assert "cifar" in available and "CIFAR-10" in available["cifar"]
+  from optax_learned._src import checkpoint  # pylint: disable=import-outside-toplevel
+  assert (checkpoint.bundled_root() / "cifar" / "MODEL_CARD.md").is_file()
+
+
+def test_cifar_trains_a_convnet_in_an_optax_chain_deterministically():
+  # CIFAR-shaped synthetic data (tests never read ../shared): the class is the brightest of
+  # ten fixed colour patterns mixed into noise, learnable by the 16x16 ConvNet.
+  task = ConvNetTask(resolution=16, batch_size=32)
+  rng = np.random.default_rng(0)
+  patterns = rng.normal(size=(10, 16, 16, 3)).astype(np.float32)
+  labels = rng.integers(0, 10, size=256)
+  images = 0.5 * rng.normal(size=(256, 16, 16, 3)).astype(np.float32) + patterns[labels]
+
+  def train(tx, steps=40):
+    params = task.init_params(jax.random.PRNGKey(0))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, batch):
+      loss, grads = jax.value_and_grad(task.loss)(params, batch)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for t in range(steps):
+      index = np.arange(t * 32, (t + 1) * 32) % 256
+      batch = {"image": images[index], "label": labels[index]}
+      params, opt_state, loss = step(params, opt_state, batch)
+      losses.append(float(loss))
+    return np.asarray(losses), params
+
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
+  losses, params = train(tx)
+  again, params_again = train(optax.chain(optax.clip_by_global_norm(1.0),
+                                          optax_learned.load("cifar")))
+  np.testing.assert_array_equal(losses, again)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert np.all(np.isfinite(losses))
+  assert losses[-8:].mean() < 0.7 * losses[:4].mean(), losses
