@@ -3,7 +3,9 @@
 For each task and estimator (pathwise, ES, PES, merged) this measures, in one run, inner
 training steps per second while estimating meta-gradients with
 :class:`metatrain.estimators.Estimator` (8 task instances x 8 antithetic pairs, the learned
-optimizer and estimator settings of the ``cifar`` recipe, one truncation per estimate),
+optimizer and estimator settings of the recipe that meta-trains on the task: ``digits`` for
+``digits_mlp``, ``cifar`` otherwise; ``--config`` and ``--set`` change them; one truncation
+per estimate),
 divided by inner steps per second of plain Adam training of the same task and batch (a
 jitted Adam step called from a Python loop on one task instance). An estimate counts
 ``particles x truncation_length`` inner steps, with 2 x 64 particles for ES, PES and merged
@@ -22,6 +24,7 @@ Usage::
   OPTAX_LEARNED_DATA=/path/to/cifar10 python benchmarks/bench_estimators.py
   python benchmarks/bench_estimators.py --tasks digits_mlp --repeats 5 --profile
   python benchmarks/bench_estimators.py --devices 2
+  python benchmarks/bench_estimators.py --set meta_loss_every=20 --set particle_chunk=1
 
 Targets (ratio of inner steps per second to Adam's): ES and PES >= 0.8, pathwise >= 0.2,
 merged >= 0.2.
@@ -49,6 +52,8 @@ from metatrain import data as data_lib
 from metatrain.tasks import base, families
 
 TARGETS = {"es": 0.8, "pes": 0.8, "pathwise": 0.2, "merged": 0.2}
+# The recipe that meta-trains on each task (others: "cifar").
+RECIPES = {"digits_mlp": "digits"}
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 NUM_TASKS = NUM_PAIRS = 8
 
@@ -141,7 +146,7 @@ class TrainingLoop:
 
 def estimator_config(name: str, truncation_length: int,
                      run_config: configs.RunConfig | None = None) -> estimators.EstimatorConfig:
-  """``run_config``'s estimator settings (default: the ``cifar`` recipe's) with 8 x 8 particles."""
+  """``run_config``'s estimator settings (default: the ``cifar`` recipe's), 8 x 8 particles."""
   run_config = run_config or configs.get_config("cifar")
   config = run_config.estimator_config()
   return dataclasses.replace(
@@ -373,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--estimators", nargs="*", default=list(estimators.ESTIMATORS),
                       choices=estimators.ESTIMATORS)
   parser.add_argument("--truncation_length", type=int, default=20)
+  parser.add_argument("--config", default=None, choices=sorted(configs.CONFIGS),
+                      help="the recipe whose optimizer and estimator settings are timed "
+                           "(default: the one that meta-trains on the task, see RECIPES)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a key of the cifar recipe, as `metatrain train --set` "
-                           "does (e.g. meta_loss_every=20, remat=true, "
-                           "optimizer.hidden_sizes=[16]); repeatable")
+                      help="override a key of the recipe, as `metatrain train --set` does "
+                           "(e.g. meta_loss_every=20, particle_chunk=1, remat=true); repeatable")
   parser.add_argument("--repeats", type=int, default=3,
                       help="timed estimates per estimator (median), interleaved with Adam")
   parser.add_argument("--devices", type=int, default=1,
@@ -400,17 +407,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"the CIFAR tasks need --data_dir or {data_lib.ENV_VAR} (a directory with "
                  f"{data_lib.TRAIN_FILE})")
 
-  run_config = configs.get_config("cifar").with_overrides(
-      [f"truncation_length={args.truncation_length}", *args.set])
-  lopt = optax_learned.LearnedOptimizer(**run_config.optimizer)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, {len(jax.devices())} device(s), load "
-        f"{os.getloadavg()[0]:.1f}; optimizer {lopt.hidden_sizes}, {NUM_TASKS} tasks x "
-        f"{NUM_PAIRS} pairs, truncation {args.truncation_length}, sigma {run_config.sigma}, "
-        f"meta-loss on {run_config.meta_loss_split} every {run_config.meta_loss_every} step(s), "
-        f"remat {run_config.remat}; medians of {args.repeats}", flush=True)
+        f"{os.getloadavg()[0]:.1f}; {NUM_TASKS} tasks x {NUM_PAIRS} pairs, truncation "
+        f"{args.truncation_length}; medians of {args.repeats}", flush=True)
   missed = False
   for task_name in args.tasks:
+    recipe = args.config or RECIPES.get(task_name, "cifar")
+    run_config = configs.get_config(recipe).with_overrides(
+        [f"truncation_length={args.truncation_length}", f"num_tasks={NUM_TASKS}",
+         f"num_pairs={NUM_PAIRS}", *args.set])
+    lopt = optax_learned.LearnedOptimizer(**run_config.optimizer)
+    print(f"\n{task_name}: the {recipe!r} recipe's optimizer {lopt.hidden_sizes} and estimator "
+          f"settings (sigma {run_config.sigma}, meta-loss on {run_config.meta_loss_split} every "
+          f"{run_config.meta_loss_every} step(s), particle_chunk {run_config.particle_chunk}, "
+          f"remat {run_config.remat})", flush=True)
     overrides = {"data_dir": args.data_dir} if task_name.startswith("cifar") else {}
     task = families.get_task(task_name, **overrides)
     missed |= bench_task(task, lopt, args.estimators, args.truncation_length,

@@ -192,10 +192,13 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
     The state after ``config.truncation_length`` steps and the outputs.
   """
   tx = lopt.transform(meta_params)
+  # A run resets at most once per truncation (every horizon is at least truncation_length
+  # steps), and its run key changes only when it resets, so the run it would reset to can be
+  # drawn once, here, instead of at every step.
+  fresh = _fresh_run(task, tx, config, jax.random.split(state.run_key)[1])
 
   def train_step(state: InnerState, _):
     reset = state.step >= state.horizon
-    fresh = _fresh_run(task, tx, config, jax.random.split(state.run_key)[1])
     state = jax.tree.map(lambda new, old: jnp.where(reset, new, old), fresh, state)
     batch_key = jax.random.fold_in(jax.random.fold_in(state.run_key, 1), state.step)
     train_key, meta_key = jax.random.split(batch_key)
