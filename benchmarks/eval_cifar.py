@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = evaluation.evaluate(
         optimizer, name, steps=args.steps, seeds=args.seeds, out_dir=out,
-        baselines=tuple(b for b in args.baselines.split(",") if b), learning_rates=args.learning_rates,
+        baselines=tuple(b for b in args.baselines.split(",") if b),
+        learning_rates=args.learning_rates,
         eval_every=args.eval_every, data_dir=args.data_dir, cache_dir=args.cache_dir,
         task_overrides=overrides, num_eval_batches=args.num_eval_batches,
         use_cache=not args.no_cache, timing_reps=args.timing_reps)

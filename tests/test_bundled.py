@@ -9,23 +9,28 @@ from metatrain.tasks import get_task
 from metatrain.tasks.convnet import ConvNetTask
 
 
-def _train_digits(tx, steps=60, seed=0):
-  task = get_task("digits_mlp")
-  data = task.load_data()
-  params = task.init_params(jax.random.PRNGKey(seed))
+def _train(task, tx, batch_at, steps):
+  """Losses and final parameters of ``steps`` jitted steps on ``batch_at(t)``."""
+  params = task.init_params(jax.random.PRNGKey(0))
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, key, data):
-    loss, grads = jax.value_and_grad(task.loss)(params, task.sample_batch(data, key, "train"))
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(task.loss)(params, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   losses = []
   for t in range(steps):
-    params, opt_state, loss = step(params, opt_state, jax.random.PRNGKey(t), data)
-    losses.append(np.asarray(loss))
+    params, opt_state, loss = step(params, opt_state, batch_at(t))
+    losses.append(float(loss))
   return np.asarray(losses), params
+
+
+def _assert_identical_runs(run, again):
+  np.testing.assert_array_equal(run[0], again[0])
+  for a, b in zip(jax.tree.leaves(run[1]), jax.tree.leaves(again[1]), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_digits_is_listed_with_a_description_and_a_model_card():
@@ -36,11 +41,12 @@ def test_digits_is_listed_with_a_description_and_a_model_card():
 
 
 def test_digits_trains_the_digits_mlp_and_is_deterministic():
-  losses, params = _train_digits(optax_learned.load("digits"))
-  again, params_again = _train_digits(optax_learned.load("digits"))
-  np.testing.assert_array_equal(losses, again)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
-    np.testing.assert_array_equal(a, b)
+  task = get_task("digits_mlp")
+  data = task.load_data()
+  batch_at = lambda t: task.sample_batch(data, jax.random.PRNGKey(t), "train")
+  losses, params = _train(task, optax_learned.load("digits"), batch_at, 60)
+  _assert_identical_runs((losses, params),
+                         _train(task, optax_learned.load("digits"), batch_at, 60))
   assert losses[-10:].mean() < 0.5 * losses[:5].mean()
 
 
@@ -52,38 +58,22 @@ def test_cifar_is_listed_with_a_description_and_a_model_card():
 
 
 def test_cifar_trains_a_convnet_in_an_optax_chain_deterministically():
-  # CIFAR-shaped synthetic data (tests never read ../shared): the class is the brightest of
-  # ten fixed colour patterns mixed into noise, learnable by the 16x16 ConvNet.
+  # CIFAR-shaped synthetic data (tests never read ../shared): each image is its class's fixed
+  # random pattern plus noise, which the 16x16 ConvNet can learn.
   task = ConvNetTask(resolution=16, batch_size=32)
   rng = np.random.default_rng(0)
   patterns = rng.normal(size=(10, 16, 16, 3)).astype(np.float32)
   labels = rng.integers(0, 10, size=256)
   images = 0.5 * rng.normal(size=(256, 16, 16, 3)).astype(np.float32) + patterns[labels]
 
-  def train(tx, steps=40):
-    params = task.init_params(jax.random.PRNGKey(0))
-    opt_state = tx.init(params)
+  def batch_at(t):
+    index = np.arange(t * 32, (t + 1) * 32) % 256
+    return {"image": images[index], "label": labels[index]}
 
-    @jax.jit
-    def step(params, opt_state, batch):
-      loss, grads = jax.value_and_grad(task.loss)(params, batch)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+  def cifar():
+    return optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
 
-    losses = []
-    for t in range(steps):
-      index = np.arange(t * 32, (t + 1) * 32) % 256
-      batch = {"image": images[index], "label": labels[index]}
-      params, opt_state, loss = step(params, opt_state, batch)
-      losses.append(float(loss))
-    return np.asarray(losses), params
-
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
-  losses, params = train(tx)
-  again, params_again = train(optax.chain(optax.clip_by_global_norm(1.0),
-                                          optax_learned.load("cifar")))
-  np.testing.assert_array_equal(losses, again)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
-    np.testing.assert_array_equal(a, b)
+  losses, params = _train(task, cifar(), batch_at, 40)
+  _assert_identical_runs((losses, params), _train(task, cifar(), batch_at, 40))
   assert np.all(np.isfinite(losses))
   assert losses[-8:].mean() < 0.7 * losses[:4].mean(), losses
