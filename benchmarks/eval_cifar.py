@@ -4,8 +4,10 @@ The protocol of :func:`metatrain.evaluation.evaluate`: for each task, Adam, SGD 
 0.9 and RMSProp are each tuned over a half-decade grid of 7 learning rates (Adam and RMSProp
 1e-4..1e-1, SGD 1e-3..1) by final validation loss, every run from ``--seeds`` evaluation seeds
 (PRNG keys 10000+, disjoint from meta-training seeds); the learned optimizer runs from the
-same seeds. Baseline runs are cached (``--cache_dir``), so evaluating another optimizer on the
-same protocol only trains that optimizer.
+same seeds. Training uses the rows meta-training trained on; validation uses the last
+``--holdout_size`` rows of the training split (5000 by default), which the ``cifar`` recipe
+holds out of meta-training altogether. Baseline runs are cached (``--cache_dir``), so
+evaluating another optimizer on the same protocol only trains that optimizer.
 
 Usage::
 
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
                            "baseline, see metatrain.evaluation.DEFAULT_LEARNING_RATES)")
   parser.add_argument("--conv_impl", default="lax", choices=("lax", "patches"))
   parser.add_argument("--batch_size", type=int, default=None)
+  parser.add_argument("--holdout_size", type=int, default=5000,
+                      help="last training rows that meta-training never saw (the cifar recipe "
+                           "holds out 5000); validation uses them. 0: validate on the "
+                           "meta-validation rows instead")
   parser.add_argument("--data_dir", default=None,
                       help="CIFAR-10 directory (default $OPTAX_LEARNED_DATA)")
   parser.add_argument("--out_dir", default="results/eval_cifar")
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"unknown task(s) {unknown}; choose from {TASKS} or 'all'")
   optimizer = None if args.optimizer.lower() == "none" else args.optimizer
   overrides = {"conv_impl": args.conv_impl}
+  if args.holdout_size:
+    overrides.update(holdout_size=args.holdout_size, validate_on="holdout")
   if args.batch_size is not None:
     overrides["batch_size"] = args.batch_size
 

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--cache-dir", default=None,
                         help="where baseline results are cached (default ~/.cache/optax_learned)")
   evaluate.add_argument("--data-dir", default=None, help=_DATA_HELP)
+  evaluate.add_argument("--task-set", dest="task_overrides", action="append", default=[],
+                        metavar="FIELD=VALUE",
+                        help="replace a task field, e.g. --task-set holdout_size=5000 "
+                             "--task-set validate_on=holdout (validate on rows meta-training "
+                             "never saw); values parse as JSON when they can")
 
   diagnose = commands.add_parser(
       "diagnose", help="measure the pathologies of truncated unrolls",
@@ -85,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
   commands.add_parser("list", help="list configs and tasks",
                       description="Print the named configs and tasks, one line each.")
   return parser
+
+
+def _task_overrides(assignments: list[str]) -> dict:
+  """``FIELD=VALUE`` strings as a dict; values parse as JSON when they can, else strings."""
+  overrides = {}
+  for assignment in assignments:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--task-set expects FIELD=VALUE, got {assignment!r}")
+    try:
+      overrides[key] = json.loads(text)
+    except json.JSONDecodeError:
+      overrides[key] = text
+  return overrides
 
 
 def _run_config(args) -> configs.RunConfig:
@@ -133,7 +152,8 @@ def _dispatch(args) -> int:
     kwargs = {"eval_every": args.eval_every} if args.eval_every else {}
     results = evaluation.evaluate(args.optimizer, args.task, steps=args.steps, seeds=args.seeds,
                                   out_dir=args.out, baselines=baselines, data_dir=args.data_dir,
-                                  cache_dir=args.cache_dir, **kwargs)
+                                  cache_dir=args.cache_dir,
+                                  task_overrides=_task_overrides(args.task_overrides), **kwargs)
     print(json.dumps(results.get("summary", {}), indent=2, default=str))
     return 0
   if args.command == "diagnose":

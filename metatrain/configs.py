@@ -193,7 +193,7 @@ CONFIGS: dict[str, tuple[RunConfig, str]] = {
     "cifar": (RunConfig(
         task="cifar_conv_16", task_family="cifar_conv", num_task_variants=3,
         task_overrides={"resolutions": [8, 16], "batch_sizes": [128], "widths": [16, 32],
-                        "depths": [2, 3], "activations": ["relu"]},
+                        "depths": [2, 3], "activations": ["relu"], "holdout_size": 5000},
         estimator="merged", merged_es="pes", num_tasks=4, num_pairs=2, sigma=0.01,
         truncation_length=10, min_horizon=100, max_horizon=2000, loss_clip=5.0,
         divergence_loss=20.0, meta_learning_rate=1e-3, optimizer={"hidden_sizes": [32]},

@@ -9,8 +9,12 @@ Sources, in order of precedence:
    data is looked for under ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` before TFDS is
    touched, because building a TFDS builder for missing data may query remote storage.
 
-The validation split is always the last ``validation_size`` rows of the training split, so it
-is disjoint from the rows returned as ``"train"``. Nothing is downloaded unless
+The training split is cut into up to three disjoint blocks of rows: ``"train"`` first, then
+``"valid"`` (``validation_size`` rows), then, when ``holdout_size > 0``, ``"holdout"`` (the
+last ``holdout_size`` rows). Meta-training measures its meta-loss on ``"valid"``; an
+evaluation of a meta-trained optimizer validates on ``"holdout"``, rows that meta-training
+never touched. A local directory may also hold images already average-pooled to 16x16 or 8x8
+(``[N, R, R, 3]``); tasks then run at that resolution or below. Nothing is downloaded unless
 ``download=True``: without a local directory or prepared TFDS data, loading fails at once with
 :class:`DataNotFoundError`.
 """
@@ -28,6 +32,7 @@ TRAIN_FILE = "cifar10_train.npz"
 TEST_FILE = "cifar10_test.npz"
 TFDS = "tfds"
 IMAGE_SHAPE = (32, 32, 3)
+RESOLUTIONS = (8, 16, 32)
 NUM_CLASSES = 10
 
 Split = dict[str, np.ndarray]
@@ -68,6 +73,7 @@ def load_cifar10(
     source: str | os.PathLike | None = None,
     *,
     validation_size: int = 5000,
+    holdout_size: int = 0,
     download: bool = False,
 ) -> dict[str, Split]:
   """Loads CIFAR-10 as numpy arrays.
@@ -75,17 +81,22 @@ def load_cifar10(
   Args:
     source: a directory containing ``cifar10_train.npz``; ``"tfds"`` for TensorFlow Datasets;
       ``None`` for ``$OPTAX_LEARNED_DATA`` when set, else TFDS.
-    validation_size: rows at the end of the training split that form ``"valid"``.
+    validation_size: rows of the training split that form ``"valid"``: the last ones, or the
+      last ones before the holdout rows.
+    holdout_size: rows at the very end of the training split that form ``"holdout"``, used by
+      neither ``"train"`` nor ``"valid"`` (0: no holdout split).
     download: allow TFDS to download and prepare the dataset if it is not prepared yet.
 
   Returns:
-    ``{"train": split, "valid": split}`` plus ``"test"`` when a real test split exists, each
-    split ``{"image": uint8 [N, 32, 32, 3], "label": int32 [N]}``.
+    ``{"train": split, "valid": split}`` plus ``"holdout"`` when ``holdout_size > 0`` and
+    ``"test"`` when a real test split exists, each split ``{"image": uint8 [N, R, R, 3],
+    "label": int32 [N]}`` with ``R`` 32 (or the resolution a local directory stores).
 
   Raises:
     DataNotFoundError: no data at ``source`` (the message says how to provide it).
     InvalidDataError: a data file with missing keys or the wrong dtype or shape.
-    ValueError: ``validation_size`` leaves no training rows or is negative.
+    ValueError: ``validation_size`` or ``holdout_size`` out of range (they must leave at
+      least one training row).
   """
   source = resolve_source(source)
   if source == TFDS:
@@ -94,15 +105,22 @@ def load_cifar10(
     splits = _load_directory(source)
   train = splits.pop("train")
   num_train = train["label"].shape[0]
-  if not 0 < validation_size < num_train:
+  if holdout_size < 0 or holdout_size > num_train - 2:
     raise ValueError(
-        f"validation_size must be in [1, {num_train - 1}] for {num_train} training rows, "
-        f"got {validation_size}")
-  cut = num_train - validation_size
+        f"holdout_size must be in [0, {num_train - 2}] for {num_train} training rows, "
+        f"got {holdout_size}")
+  if not 0 < validation_size < num_train - holdout_size:
+    raise ValueError(
+        f"validation_size must be in [1, {num_train - holdout_size - 1}] for {num_train} "
+        f"training rows and holdout_size={holdout_size}, got {validation_size}")
+  valid_end = num_train - holdout_size
+  cut = valid_end - validation_size
   result = {
       "train": {k: v[:cut] for k, v in train.items()},
-      "valid": {k: v[cut:] for k, v in train.items()},
+      "valid": {k: v[cut:valid_end] for k, v in train.items()},
   }
+  if holdout_size:
+    result["holdout"] = {k: v[valid_end:] for k, v in train.items()}
   result.update(splits)
   return result
 
@@ -178,8 +196,9 @@ def _validate(where: str, x: Any, y: Any) -> Split:
     raise InvalidDataError(f"{where}: images `x` have no rows (shape {x.shape})")
   if x.dtype != np.uint8:
     raise InvalidDataError(f"{where}: images `x` must be uint8, got {x.dtype}")
-  if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-    raise InvalidDataError(f"{where}: images `x` must have shape [N, 32, 32, 3], got {x.shape}")
+  if x.ndim != 4 or x.shape[3] != 3 or x.shape[1] != x.shape[2] or x.shape[1] not in RESOLUTIONS:
+    raise InvalidDataError(f"{where}: images `x` must have shape [N, R, R, 3] with R in "
+                           f"{RESOLUTIONS} (32 for CIFAR-10 as published), got {x.shape}")
   if not np.issubdtype(y.dtype, np.integer):
     raise InvalidDataError(f"{where}: labels `y` must be integers, got {y.dtype}")
   if y.shape != x.shape[:1]:

@@ -61,3 +61,16 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
   assert cli.main(["export", "--workdir", str(tmp_path / "none"), "--out",
                    str(tmp_path / "x")]) == 2
   assert "not a meta-training work directory" in capsys.readouterr().err
+
+
+def test_evaluate_replaces_task_fields(tmp_path, capsys):
+  out = tmp_path / "eval"
+  assert cli.main(["evaluate", "--task", "linear_regression", "--steps", "4", "--seeds", "1",
+                   "--baselines", "adam", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                   "--task-set", "batch_size=8", "--task-set", "noise=0.5"]) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert results["task"]["overrides"] == {"batch_size": 8, "noise": 0.5}
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--task", "linear_regression", "--out", str(out),
+                   "--task-set", "batch_size"]) == 2
+  assert "--task-set expects FIELD=VALUE" in capsys.readouterr().err

@@ -56,6 +56,36 @@ def test_validation_is_last_rows_and_disjoint_from_train(tmp_path, no_env):
   assert train_rows | valid_rows == set(range(NUM_ROWS))
 
 
+def test_holdout_rows_are_last_and_disjoint_from_train_and_valid(tmp_path, no_env):
+  write_npz(tmp_path)
+  splits = data.load_cifar10(tmp_path, validation_size=10, holdout_size=5)
+  rows = {name: splits[name]["image"][:, 0, 0, 0].tolist() for name in splits}
+  assert set(splits) == {"train", "valid", "holdout"}
+  assert rows["train"] == list(range(45))
+  assert rows["valid"] == list(range(45, 55))
+  assert rows["holdout"] == list(range(55, 60))
+
+
+@pytest.mark.parametrize("validation_size, holdout_size, problem", [
+    (10, -1, "holdout_size must be in"),
+    (10, NUM_ROWS - 1, "holdout_size must be in"),
+    (NUM_ROWS - 5, 5, "validation_size must be in"),
+    (0, 5, "validation_size must be in"),
+])
+def test_bad_split_sizes_are_rejected(tmp_path, no_env, validation_size, holdout_size, problem):
+  write_npz(tmp_path)
+  with pytest.raises(ValueError, match=problem):
+    data.load_cifar10(tmp_path, validation_size=validation_size, holdout_size=holdout_size)
+
+
+@pytest.mark.parametrize("stored", [8, 16])
+def test_directory_of_pooled_images_loads(tmp_path, no_env, stored):
+  images = np.random.default_rng(0).integers(0, 256, (NUM_ROWS, stored, stored, 3), np.uint8)
+  np.savez(tmp_path / data.TRAIN_FILE, x=images, y=np.arange(NUM_ROWS) % 10)
+  splits = data.load_cifar10(tmp_path, validation_size=10)
+  assert splits["train"]["image"].shape == (50, stored, stored, 3)
+
+
 def test_load_from_environment_variable(tmp_path, monkeypatch, no_env):
   write_npz(tmp_path)
   write_npz(tmp_path, data.TEST_FILE, num_rows=20)
@@ -135,7 +165,8 @@ def test_directory_without_train_file(tmp_path, no_env):
 @pytest.mark.parametrize("arrays, problem", [
     ({"y": None}, r"missing key\(s\) \['y'\]"),
     ({"x": np.zeros((NUM_ROWS, 32, 32, 3), np.float32)}, "must be uint8"),
-    ({"x": np.zeros((NUM_ROWS, 28, 28, 3), np.uint8)}, r"shape \[N, 32, 32, 3\]"),
+    ({"x": np.zeros((NUM_ROWS, 28, 28, 3), np.uint8)}, r"shape \[N, R, R, 3\] with R in"),
+    ({"x": np.zeros((NUM_ROWS, 16, 8, 3), np.uint8)}, r"shape \[N, R, R, 3\] with R in"),
     ({"y": np.zeros((NUM_ROWS, 1), np.int64)}, "labels `y` must have shape"),
     ({"y": np.full((NUM_ROWS,), 10)}, r"must lie in \[0, 9\]"),
     ({"y": np.zeros((NUM_ROWS,), np.float32)}, "must be integers"),

@@ -483,6 +483,8 @@ TRIGGERS = {
     "runconfig-horizons": lambda c: _quadratic("truncation_length=100"),
     "runconfig-sigma": lambda c: _quadratic("sigma=0"),
     "runconfig-particles": lambda c: _quadratic("num_tasks=0"),
+    "runconfig-particle-chunk": lambda c: _quadratic("particle_chunk=3"),
+    "runconfig-meta-loss-every": lambda c: _quadratic("meta_loss_every=3"),
     "runconfig-split": lambda c: _quadratic("meta_loss_split=test"),
     "runconfig-loss-clip": lambda c: _quadratic("loss_clip=0"),
     "runconfig-counts": lambda c: _quadratic("steps=0"),
@@ -544,6 +546,13 @@ TRIGGERS = {
         _write_npz(c.tmp / "d", x=np.zeros((10, 32, 32, 3), np.float32))),
     "data-validation-size": lambda c: importlib.import_module("metatrain.data").load_cifar10(
         _write_npz(c.tmp / "d"), validation_size=10),
+    "data-holdout-size": lambda c: importlib.import_module("metatrain.data").load_cifar10(
+        _write_npz(c.tmp / "d"), validation_size=2, holdout_size=-1),
+    "data-resolution-above-stored": lambda c: importlib.import_module(
+        "metatrain.tasks").get_task("cifar_conv_32", validation_size=2, data_dir=str(_write_npz(
+            c.tmp / "d", x=np.zeros((10, 16, 16, 3), np.uint8)))).load_data(),
+    "task-validate-on": lambda c: importlib.import_module("metatrain.tasks").get_task(
+        "cifar_conv_8", validate_on="test"),
     # cli
     "cli-unknown-config": lambda c: c.cli("train", "--config", "nope", "--workdir", c.tmp),
     "cli-missing-argument": lambda c: c.cli("train", "--config", "quadratic"),

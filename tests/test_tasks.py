@@ -86,6 +86,30 @@ def test_convnet_data_is_cached_per_resolution(cifar_dir):
   assert b is not a and b["train"]["image"].shape == (50, 16, 16, 3)
 
 
+def test_convnet_validates_on_holdout_rows_when_asked(cifar_dir):
+  meta = tiny_convnet(cifar_dir, validation_size=10, holdout_size=5).load_data()
+  held = tiny_convnet(cifar_dir, validation_size=10, holdout_size=5,
+                      validate_on="holdout").load_data()
+  pooled = data_lib.resize_images(np.load(f"{cifar_dir}/{data_lib.TRAIN_FILE}")["x"], 8)
+  np.testing.assert_array_equal(meta["train"]["image"], pooled[:45])
+  np.testing.assert_array_equal(held["train"]["image"], pooled[:45])
+  np.testing.assert_array_equal(meta["valid"]["image"], pooled[45:55])
+  np.testing.assert_array_equal(held["valid"]["image"], pooled[55:])
+
+
+def test_convnet_rejects_bad_validate_on_and_low_resolution_data(cifar_dir, tmp_path):
+  with pytest.raises(ValueError, match="validate_on must be one of"):
+    tiny_convnet(cifar_dir, validate_on="test")
+  with pytest.raises(ValueError, match="needs holdout_size > 0"):
+    tiny_convnet(cifar_dir, validate_on="holdout")
+  low = tmp_path / "low"
+  low.mkdir()
+  np.savez(low / data_lib.TRAIN_FILE, x=np.zeros((60, 8, 8, 3), np.uint8), y=np.arange(60) % 10)
+  assert tiny_convnet(str(low)).load_data()["train"]["image"].shape == (50, 8, 8, 3)
+  with pytest.raises(data_lib.InvalidDataError, match="resolution 16 needs images"):
+    tiny_convnet(str(low), resolution=16).load_data()
+
+
 @pytest.mark.parametrize("size, stride", [(32, 2), (7, 2), (9, 1)])
 def test_patches_conv_matches_lax(size, stride):
   rng = np.random.default_rng(0)

@@ -33,6 +33,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 CONV_IMPLS = ("patches", "lax")
 RESOLUTIONS = (8, 16, 32)
+VALIDATE_ON = ("valid", "holdout")
 # Per-channel mean and standard deviation of CIFAR-10 training pixels (0-255 scale).
 _MEAN = np.array([125.3, 122.9, 113.9], np.float32)
 _STD = np.array([63.0, 62.1, 66.7], np.float32)
@@ -87,13 +88,25 @@ def conv_lax(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_data(source: str, resolution: int, validation_size: int) -> base.Data:
-  """CIFAR-10 train/valid at ``resolution`` as uint8/int32 device arrays, cached."""
-  splits = data_lib.load_cifar10(source, validation_size=validation_size)
+def _device_data(source: str, resolution: int, validation_size: int, holdout_size: int,
+                 validate_on: str) -> base.Data:
+  """CIFAR-10 train/valid at ``resolution`` as uint8/int32 device arrays, cached.
+
+  The task's ``"valid"`` split is the loader's ``validate_on`` split (``"valid"`` or
+  ``"holdout"``).
+  """
+  splits = data_lib.load_cifar10(source, validation_size=validation_size,
+                                 holdout_size=holdout_size)
+  stored = splits["train"]["image"].shape[1]
+  if resolution > stored:
+    raise data_lib.InvalidDataError(
+        f"{source}: a task at resolution {resolution} needs images of at least that side; "
+        f"this source stores {stored}x{stored}")
+  sources = {"train": "train", "valid": validate_on}
   return {
-      split: {"image": jnp.asarray(data_lib.resize_images(splits[split]["image"], resolution)),
-              "label": jnp.asarray(splits[split]["label"])}
-      for split in base.SPLITS
+      split: {"image": jnp.asarray(data_lib.resize_images(splits[name]["image"], resolution)),
+              "label": jnp.asarray(splits[name]["label"])}
+      for split, name in sources.items()
   }
 
 
@@ -117,6 +130,10 @@ class ConvNetTask(base.Task):
     data_dir: CIFAR-10 source for :func:`metatrain.data.load_cifar10` (``None``: the
       ``OPTAX_LEARNED_DATA`` directory, else TFDS).
     validation_size: training rows held out as the validation split.
+    holdout_size: rows at the end of the training split used by neither split unless
+      ``validate_on="holdout"`` (see :func:`metatrain.data.load_cifar10`).
+    validate_on: the rows the task's ``"valid"`` batches come from: ``"valid"`` (the
+      meta-validation rows) or ``"holdout"`` (for evaluations on rows meta-training never saw).
   """
   width: int = 32
   depth: int = 3
@@ -127,8 +144,14 @@ class ConvNetTask(base.Task):
   conv_impl: str = "patches"
   data_dir: str | None = None
   validation_size: int = 5000
+  holdout_size: int = 0
+  validate_on: str = "valid"
 
   def __post_init__(self):
+    if self.validate_on not in VALIDATE_ON:
+      raise ValueError(f"validate_on must be one of {VALIDATE_ON}, got {self.validate_on!r}")
+    if self.validate_on == "holdout" and self.holdout_size < 1:
+      raise ValueError("validate_on='holdout' needs holdout_size > 0")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
     if self.conv_impl not in CONV_IMPLS:
@@ -144,7 +167,7 @@ class ConvNetTask(base.Task):
 
   def load_data(self) -> base.Data:
     return _device_data(data_lib.resolve_source(self.data_dir), self.resolution,
-                        self.validation_size)
+                        self.validation_size, self.holdout_size, self.validate_on)
 
   def init_params(self, key: chex.PRNGKey) -> base.Params:
     keys = jax.random.split(key, self.depth + 1)

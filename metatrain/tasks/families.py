@@ -133,7 +133,9 @@ class DigitsMLPFamily(TaskFamily):
 class ConvNetFamily(TaskFamily):
   """CIFAR-10 ConvNets of varying width, depth, activation, init, batch size and resolution.
 
-  Data is loaded once per resolution (cached), however many variations are sampled.
+  Data is loaded once per resolution (cached), however many variations are sampled. With
+  ``holdout_size > 0`` the last rows of the training split are kept out of meta-training
+  altogether, for evaluating the meta-trained optimizer on unseen validation data.
   """
   widths: tuple[int, ...] = (16, 32, 64)
   depths: tuple[int, ...] = (2, 3, 4)
@@ -144,6 +146,7 @@ class ConvNetFamily(TaskFamily):
   conv_impl: str = "patches"
   data_dir: str | None = None
   validation_size: int = 5000
+  holdout_size: int = 0
 
   def sample(self, key_or_seed: int | chex.PRNGKey) -> ConvNetTask:
     rng = _rng(key_or_seed)
@@ -152,7 +155,8 @@ class ConvNetFamily(TaskFamily):
         activation=_choice(rng, self.activations),
         init_scale=_log_uniform(rng, *self.init_scale_range),
         batch_size=_choice(rng, self.batch_sizes), resolution=_choice(rng, self.resolutions),
-        conv_impl=self.conv_impl, data_dir=self.data_dir, validation_size=self.validation_size)
+        conv_impl=self.conv_impl, data_dir=self.data_dir, validation_size=self.validation_size,
+        holdout_size=self.holdout_size)
 
 
 _FAMILIES: dict[str, type[TaskFamily]] = {
