@@ -104,6 +104,8 @@ api_coverage_modules = [
     "metatrain.trainer",
     "metatrain.configs",
     "metatrain.evaluation",
+    "metatrain.evaluation_report",
+    "metatrain.baseline_cache",
     "metatrain.diagnostics",
     "metatrain.data",
     "metatrain.tasks",

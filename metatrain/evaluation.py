@@ -39,23 +39,19 @@ Protocol (:func:`evaluate`):
   each, and the median per-step costs give ``step_cost_ratio``; ``interleaved_time_ratio`` is
   ``steps_ratio * step_cost_ratio``, the wall-clock ratio to the target at equal load.
 
-Baseline runs are cached as JSON files, one per (baseline, learning rate), keyed by the task
-(name, overrides and resolved configuration, without ``data_dir``), ``steps``, ``seeds``, the
-baseline, the learning rate, ``eval_every``, ``num_eval_batches``, the package and JAX
-versions and the device kind (wall-clock times are only comparable on the same hardware), so a
-rerun, or a rerun with a wider learning-rate grid, only trains what is new.
+Baseline runs are cached, one JSON file per (baseline, learning rate): see
+:mod:`metatrain.baseline_cache`. Reports are written by :mod:`metatrain.evaluation_report`,
+whose :func:`~metatrain.evaluation_report.markdown` and
+:func:`~metatrain.evaluation_report.write_outputs` this module re-exports.
 """
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
 import pathlib
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -67,7 +63,9 @@ import numpy as np
 import optax
 
 import optax_learned
+from metatrain import baseline_cache
 from metatrain import tasks as tasks_lib
+from metatrain.evaluation_report import markdown, write_outputs  # noqa: F401 (re-exported)
 from metatrain.tasks import base
 
 logger = logging.getLogger(__name__)
@@ -511,14 +509,15 @@ def evaluate(
   for name in baselines:
     runs, cached = {}, []
     for lr in grids[name]:
-      key = _cache_key(task, overrides, task_obj, name, lr, protocol)
-      run = _cache_read(cache, key) if cache else None
+      key = baseline_cache.cache_key(task, overrides, _task_config(task_obj), name, lr,
+                                     protocol, schema_version=SCHEMA_VERSION)
+      run = baseline_cache.read(cache, key) if cache else None
       cached.append(run is not None)
       if run is None:
         logger.info("training %s lr=%g on %s", name, lr, task)
         run = train_baseline(name, lr, task_obj, **train_kwargs)
         if cache:
-          _cache_write(cache, key, run)
+          baseline_cache.write(cache, key, run)
       runs[lr] = run
     best = best_learning_rate(runs)
     baseline_results[name] = {
@@ -545,7 +544,7 @@ def evaluate(
 
   results = {
       "schema_version": SCHEMA_VERSION,
-      "task": {"name": task, "overrides": _jsonable(overrides),
+      "task": {"name": task, "overrides": baseline_cache.jsonable(overrides),
                "config": _task_config(task_obj)},
       "protocol": protocol,
       "environment": _environment(),
@@ -592,154 +591,6 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
   return summary
 
 
-# -- outputs ------------------------------------------------------------------------------
-
-
-def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
-  """Writes ``results.json``, ``results.md``, ``loss_vs_step.png`` and ``loss_vs_time.png``."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  _atomic_write(out / "results.json", json.dumps(_jsonable(results), indent=1, allow_nan=False))
-  _atomic_write(out / "results.md", markdown(results))
-  _plot(results, out / "loss_vs_step.png", x="steps")
-  _plot(results, out / "loss_vs_time.png", x="seconds")
-
-
-def markdown(results: dict[str, Any]) -> str:
-  """A Markdown report of :func:`evaluate`'s results."""
-  summary, protocol = results["summary"], results["protocol"]
-  lines = [
-      f"# Evaluation on `{results['task']['name']}`", "",
-      f"{protocol['steps']} steps, {protocol['seeds']} seed(s) (PRNG seeds "
-      f"{protocol['eval_seeds'][0]}+), evaluation every {protocol['eval_every']} steps on "
-      f"{protocol['num_eval_batches']} fixed training and validation batches. Losses are means "
-      f"over seeds; seconds count training steps only. Device: "
-      f"{results['environment']['device_kind']}.", "",
-      "| optimizer | learning rate | final train loss | final valid loss | valid accuracy "
-      "| ms / step | stable |",
-      "|---|---|---|---|---|---|---|",
-  ]
-  rows = []
-  if summary["learned"] is not None:
-    rows.append((f"learned (`{results['learned']['optimizer']}`)", "-", summary["learned"]))
-  for name, entry in summary["baselines"].items():
-    marker = " (best)" if name == summary["best_baseline"] else ""
-    rows.append((f"{name}{marker}", f"{entry['learning_rate']:g}", entry))
-  for label, lr, e in rows:
-    stable = "diverged" if e["diverged"] else ("yes" if e["stable"] else "no")
-    lines.append(f"| {label} | {lr} | {_fmt(e['final_train_loss'])} | "
-                 f"{_fmt(e['final_valid_loss'])} | {_fmt(e['final_accuracy'])} | "
-                 f"{_fmt(1e3 * e['seconds_per_step'], '.2f')} | {stable} |")
-  if summary["comparisons"]:
-    lines += [
-        "", "## Learned optimizer vs tuned baselines", "",
-        "Target: each baseline's final training loss. Ratios are learned / baseline (below 1: "
-        "the learned optimizer reaches the target sooner).", "",
-        "| baseline | target | baseline steps | learned steps | step ratio | baseline s "
-        "| learned s | time ratio | step cost ratio (interleaved) | time ratio (interleaved) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in summary["comparisons"].items():
-      lines.append(
-          f"| {name} | {_fmt(c['target_train_loss'])} | "
-          f"{_fmt(c['baseline_steps_to_target'], '.0f')} | {_fmt(c['steps_to_target'], '.0f')} "
-          f"| {_fmt(c['steps_ratio'], '.2f')} | {_fmt(c['baseline_seconds_to_target'], '.3g')} "
-          f"| {_fmt(c['seconds_to_target'], '.3g')} | {_fmt(c['seconds_ratio'], '.2f')} "
-          f"| {_fmt(c.get('step_cost_ratio'), '.3f')} "
-          f"| {_fmt(c.get('interleaved_time_ratio'), '.2f')} |")
-    learned = summary["learned"]
-    if learned["horizon"] is not None:
-      lines += ["", f"Meta-training horizon: {learned['horizon']} steps."]
-  lines += ["", "## Learning-rate sweeps (final validation loss)", ""]
-  for name, b in results["baselines"].items():
-    cells = [f"**{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}**"
-             if lr == b["best_learning_rate"]
-             else f"{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}"
-             for lr in b["learning_rates"]]
-    edge = " (best at the grid's edge: widen the grid)" if b["best_at_grid_edge"] else ""
-    lines.append(f"- {name}: " + ", ".join(cells) + edge)
-  return "\n".join(lines) + "\n"
-
-
-def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
-  """Mean training and validation loss of every tuned optimizer against steps or seconds."""
-  import matplotlib  # noqa: PLC0415 (only when writing outputs)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  curves = []
-  if results["learned"] is not None:
-    curves.append(("learned", results["learned"]["run"], {"color": "k", "linewidth": 2}))
-  for name, b in results["baselines"].items():
-    lr = b["best_learning_rate"]
-    curves.append((f"{name} (lr={lr:g})", b["runs"][_lr_key(lr)], {}))
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
-                               ("training loss", "validation loss"), strict=True):
-    values = []
-    for label, run, style in curves:
-      xs = run["steps"] if x == "steps" else run["mean"]["seconds"]
-      ys = _array(run["mean"][metric])
-      values.append(ys[np.isfinite(ys)])
-      ax.plot(xs, ys, label=label, **style)
-    finite = np.concatenate(values) if values else np.zeros(0)
-    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
-      ax.set_yscale("log")
-    ax.set_xlabel("step" if x == "steps" else "training seconds")
-    ax.set_title(f"{results['task']['name']}: {title}")
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-# -- cache --------------------------------------------------------------------------------
-
-
-def _cache_key(task: str, overrides: dict[str, Any], task_obj: base.Task, baseline: str,
-               learning_rate: float, protocol: dict[str, Any]) -> dict[str, Any]:
-  return _jsonable({
-      "schema_version": SCHEMA_VERSION,
-      "task": task, "task_overrides": {k: v for k, v in overrides.items() if k != "data_dir"},
-      "task_config": _task_config(task_obj),
-      "steps": protocol["steps"], "seeds": protocol["seeds"],
-      "eval_every": protocol["eval_every"], "num_eval_batches": protocol["num_eval_batches"],
-      "baseline": baseline, "learning_rate": learning_rate,
-      "package_version": optax_learned.__version__, "jax_version": jax.__version__,
-      "optax_version": optax.__version__, "backend": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-  })
-
-
-def _cache_path(cache: pathlib.Path, key: dict[str, Any]) -> pathlib.Path:
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-  return cache / f"{key['task']}-{key['baseline']}-{digest}.json"
-
-
-def _cache_read(cache: pathlib.Path, key: dict[str, Any]) -> Run | None:
-  path = _cache_path(cache, key)
-  try:
-    entry = json.loads(path.read_text())
-  except FileNotFoundError:
-    return None
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    logger.warning("ignoring unreadable baseline cache file %s: %s", path, e)
-    return None
-  if not isinstance(entry, dict) or entry.get("key") != key or "run" not in entry:
-    logger.warning("ignoring baseline cache file %s: its key does not match", path)
-    return None
-  logger.info("cached: %s lr=%g", key["baseline"], key["learning_rate"])
-  return _from_json(entry["run"])
-
-
-def _cache_write(cache: pathlib.Path, key: dict[str, Any], run: Run) -> None:
-  cache.mkdir(parents=True, exist_ok=True)
-  entry = {"key": key, "hostname": platform.node(), "created": time.time(), "run": run}
-  _atomic_write(_cache_path(cache, key), json.dumps(_jsonable(entry), allow_nan=False))
-
-
 # -- helpers ------------------------------------------------------------------------------
 
 
@@ -771,7 +622,7 @@ def _check_positive(**values: int) -> None:
 
 def _task_config(task: base.Task) -> dict[str, Any]:
   config = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name != "data_dir"}
-  return _jsonable({"class": type(task).__name__, **config})
+  return baseline_cache.jsonable({"class": type(task).__name__, **config})
 
 
 def _horizon(optimizer: str | os.PathLike) -> int | None:
@@ -809,46 +660,3 @@ def _sort_key(value: float) -> float:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None or b <= 0 else a / b
-
-
-def _fmt(value: float | None, spec: str = ".4g") -> str:
-  if value is None or (isinstance(value, float) and math.isnan(value)):
-    return "-"
-  return format(value, spec)
-
-
-def _jsonable(value: Any) -> Any:
-  """Strict-JSON form: tuples to lists, numpy scalars to Python, NaN and infinities to None."""
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  return value
-
-
-def _from_json(run: Run) -> Run:
-  """A run read back from JSON: ``None`` inside float curves becomes NaN."""
-  float_lists = ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds")
-  run = dict(run)
-  for name in float_lists:
-    if run.get(name) is not None:
-      run[name] = _array(run[name]).tolist()
-  run["seconds_per_step"] = _array(run["seconds_per_step"]).tolist()
-  run["mean"] = {k: (_array(v).tolist() if isinstance(v, list) else
-                     float("nan") if v is None else v) for k, v in run["mean"].items()}
-  return run
-
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-    f.write(text)
-  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates files readable by the owner only
-  os.replace(f.name, path)

@@ -1,0 +1,136 @@
+"""Reports of :func:`metatrain.evaluation.evaluate`'s results: JSON, Markdown and plots.
+
+:func:`write_outputs` writes ``results.json``, ``results.md`` (:func:`markdown`) and two plots
+of the tuned optimizers' mean losses. Both functions take the results dict that ``evaluate``
+returns (or that ``results.json`` holds) and are re-exported by :mod:`metatrain.evaluation`.
+"""
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from metatrain import baseline_cache
+
+
+def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
+  """Writes ``results.json``, ``results.md``, ``loss_vs_step.png`` and ``loss_vs_time.png``."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  text = json.dumps(baseline_cache.jsonable(results), indent=1, allow_nan=False)
+  baseline_cache.atomic_write(out / "results.json", text)
+  baseline_cache.atomic_write(out / "results.md", markdown(results))
+  _plot(results, out / "loss_vs_step.png", x="steps")
+  _plot(results, out / "loss_vs_time.png", x="seconds")
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """A Markdown report of :func:`metatrain.evaluation.evaluate`'s results."""
+  summary, protocol = results["summary"], results["protocol"]
+  lines = [
+      f"# Evaluation on `{results['task']['name']}`", "",
+      f"{protocol['steps']} steps, {protocol['seeds']} seed(s) (PRNG seeds "
+      f"{protocol['eval_seeds'][0]}+), evaluation every {protocol['eval_every']} steps on "
+      f"{protocol['num_eval_batches']} fixed training and validation batches. Losses are means "
+      f"over seeds; seconds count training steps only. Device: "
+      f"{results['environment']['device_kind']}.", "",
+      "| optimizer | learning rate | final train loss | final valid loss | valid accuracy "
+      "| ms / step | stable |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  rows = []
+  if summary["learned"] is not None:
+    rows.append((f"learned (`{results['learned']['optimizer']}`)", "-", summary["learned"]))
+  for name, entry in summary["baselines"].items():
+    marker = " (best)" if name == summary["best_baseline"] else ""
+    rows.append((f"{name}{marker}", f"{entry['learning_rate']:g}", entry))
+  for label, lr, e in rows:
+    stable = "diverged" if e["diverged"] else ("yes" if e["stable"] else "no")
+    lines.append(f"| {label} | {lr} | {_fmt(e['final_train_loss'])} | "
+                 f"{_fmt(e['final_valid_loss'])} | {_fmt(e['final_accuracy'])} | "
+                 f"{_fmt(1e3 * e['seconds_per_step'], '.2f')} | {stable} |")
+  if summary["comparisons"]:
+    lines += [
+        "", "## Learned optimizer vs tuned baselines", "",
+        "Target: each baseline's final training loss. Ratios are learned / baseline (below 1: "
+        "the learned optimizer reaches the target sooner).", "",
+        "| baseline | target | baseline steps | learned steps | step ratio | baseline s "
+        "| learned s | time ratio | step cost ratio (interleaved) | time ratio (interleaved) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in summary["comparisons"].items():
+      lines.append(
+          f"| {name} | {_fmt(c['target_train_loss'])} | "
+          f"{_fmt(c['baseline_steps_to_target'], '.0f')} | {_fmt(c['steps_to_target'], '.0f')} "
+          f"| {_fmt(c['steps_ratio'], '.2f')} | {_fmt(c['baseline_seconds_to_target'], '.3g')} "
+          f"| {_fmt(c['seconds_to_target'], '.3g')} | {_fmt(c['seconds_ratio'], '.2f')} "
+          f"| {_fmt(c.get('step_cost_ratio'), '.3f')} "
+          f"| {_fmt(c.get('interleaved_time_ratio'), '.2f')} |")
+    learned = summary["learned"]
+    if learned["horizon"] is not None:
+      lines += ["", f"Meta-training horizon: {learned['horizon']} steps."]
+  lines += ["", "## Learning-rate sweeps (final validation loss)", ""]
+  for name, b in results["baselines"].items():
+    cells = [f"**{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}**"
+             if lr == b["best_learning_rate"]
+             else f"{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}"
+             for lr in b["learning_rates"]]
+    edge = " (best at the grid's edge: widen the grid)" if b["best_at_grid_edge"] else ""
+    lines.append(f"- {name}: " + ", ".join(cells) + edge)
+  return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
+  """Mean training and validation loss of every tuned optimizer against steps or seconds."""
+  import matplotlib  # noqa: PLC0415 (only when writing outputs)
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  curves = []
+  if results["learned"] is not None:
+    curves.append(("learned", results["learned"]["run"], {"color": "k", "linewidth": 2}))
+  for name, b in results["baselines"].items():
+    lr = b["best_learning_rate"]
+    curves.append((f"{name} (lr={lr:g})", b["runs"][_lr_key(lr)], {}))
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
+                               ("training loss", "validation loss"), strict=True):
+    values = []
+    for label, run, style in curves:
+      xs = run["steps"] if x == "steps" else run["mean"]["seconds"]
+      ys = _array(run["mean"][metric])
+      values.append(ys[np.isfinite(ys)])
+      ax.plot(xs, ys, label=label, **style)
+    finite = np.concatenate(values) if values else np.zeros(0)
+    if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
+      ax.set_yscale("log")
+    ax.set_xlabel("step" if x == "steps" else "training seconds")
+    ax.set_title(f"{results['task']['name']}: {title}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _lr_key(learning_rate: float) -> str:
+  """The key of a learning rate in the results' dicts (as :mod:`metatrain.evaluation` writes)."""
+  return repr(float(learning_rate))
+
+
+def _array(values: Any) -> np.ndarray:
+  """A float array; ``None`` entries (NaN in JSON) become NaN."""
+  return np.asarray(values, dtype=np.float64)
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "-"
+  return format(value, spec)
