@@ -197,7 +197,7 @@ CONFIGS: dict[str, tuple[RunConfig, str]] = {
         estimator="merged", merged_es="pes", num_tasks=4, num_pairs=2, sigma=0.01,
         truncation_length=10, min_horizon=100, max_horizon=2000, loss_clip=5.0,
         divergence_loss=20.0, meta_learning_rate=1e-3, optimizer={"hidden_sizes": [32]},
-        steps=900, seed=7, log_every=5, checkpoint_every=25, particle_chunk=1,
+        steps=400, seed=7, log_every=5, checkpoint_every=25, particle_chunk=1,
         description="meta-trained on small CIFAR-10 ConvNets (validation loss, merged PES)"),
         "the bundled cifar recipe: merged PES over small CIFAR-10 ConvNets, validation loss"),
 }
