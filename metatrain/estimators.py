@@ -85,10 +85,12 @@ def pathwise_gradient(task: base.Task, lopt: truncation_lib.LearnedOptimizerLike
 def map_particles(fn: Callable[[Any], Any], xs: Any, chunk: int = 0) -> Any:
   """``jax.vmap(fn)(xs)`` over the leading particle axis, ``chunk`` particles at a time.
 
-  Chunks run one after another in ``lax.scan``, each vectorised with ``vmap``. On CPU this is
-  often faster than one wide ``vmap`` (per-particle weights make batched matmuls slow) and it
-  bounds memory to one chunk's. Chunk ``r`` holds particles ``r, r + S/chunk, r + 2 S/chunk,
-  ...``: one from each contiguous block of ``S/chunk`` particles, so when the particle axis
+  Chunks run one after another in ``lax.scan``, each vectorised with ``vmap``; a chunk of
+  one particle is not vmapped at all (``lax.map``), which on XLA:CPU ran the ConvNet unrolls
+  about 20% faster than a size-1 ``vmap``. On CPU this is often faster than one wide ``vmap``
+  (per-particle weights make batched matmuls slow) and it bounds memory to one chunk's.
+  Chunk ``r`` holds particles ``r, r + S/chunk, r + 2 S/chunk, ...``: one from each contiguous
+  block of ``S/chunk`` particles, so when the particle axis
   is sharded over devices in contiguous blocks (``chunk`` a multiple of the device count),
   every device works on its own particles.
 
@@ -108,6 +110,8 @@ def map_particles(fn: Callable[[Any], Any], xs: Any, chunk: int = 0) -> Any:
     return jax.vmap(fn)(xs)
   if chunk < 0 or num % chunk:
     raise ValueError(f"particle_chunk must divide the {num} particles, got {chunk}")
+  if chunk == 1:  # no size-1 vmap: XLA:CPU runs the unbatched ops faster
+    return jax.lax.map(fn, xs)
   rows = num // chunk
   # [S] -> [chunk, rows] keeps contiguous blocks together; scan over rows, vmap over chunk.
   split = lambda x: jnp.swapaxes(x.reshape((chunk, rows) + x.shape[1:]), 0, 1)

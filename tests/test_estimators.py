@@ -240,12 +240,13 @@ def test_chunked_estimates_match_vectorised_ones():
   task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
   meta_params, data = lopt.init(None), task.load_data()
   results = []
-  for chunk in (0, 2):
+  for chunk in (0, 1, 2):
     config = dataclasses.replace(_config("merged", length=4, horizon=6, num_pairs=4),
                                  particle_chunk=chunk)
     est = estimators.Estimator(task, lopt, config)
     state = est.init(meta_params, jax.random.PRNGKey(0), data)
     results.append(jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), data))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5)
+  chex.assert_trees_all_close(results[0], results[2], rtol=1e-5)
   with pytest.raises(ValueError, match="particle_chunk must be 0 or divide"):
     estimators.EstimatorConfig(num_tasks=1, num_pairs=4, particle_chunk=3)
