@@ -1,4 +1,4 @@
-"""The baseline cache of :func:`metatrain.evaluation.evaluate`, and its strict-JSON helpers.
+"""The baseline cache of :func:`metatrain.evaluation.evaluate`.
 
 Baseline runs are cached as JSON files, one per (baseline, learning rate), keyed by the task
 (name, overrides and resolved configuration, without ``data_dir``), ``steps``, ``seeds``, the
@@ -15,20 +15,17 @@ returns ``None`` for a missing file, and for an unreadable file or one whose sto
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import platform
-import tempfile
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 
 import optax_learned
+from metatrain._json_io import atomic_write, float_array, jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -111,44 +108,14 @@ def write(cache: pathlib.Path, key: dict[str, Any], run: Run) -> None:
   atomic_write(_path(cache, key), json.dumps(jsonable(entry), allow_nan=False))
 
 
-def jsonable(value: Any) -> Any:
-  """Strict-JSON form: tuples to lists, numpy scalars to Python, NaN and infinities to None."""
-  if isinstance(value, Mapping):
-    return {str(k): jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [jsonable(v) for v in value]
-  if isinstance(value, np.ndarray):
-    return jsonable(value.tolist())
-  if isinstance(value, (bool, np.bool_)):
-    return bool(value)
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else None
-  return value
-
-
-def atomic_write(path: pathlib.Path, text: str) -> None:
-  """Writes ``text`` to ``path`` through a temporary file and a rename, readable by all."""
-  with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-    f.write(text)
-  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates files readable by the owner only
-  os.replace(f.name, path)
-
-
-def _array(values: Any) -> np.ndarray:
-  """A float array; ``None`` entries (NaN in JSON) become NaN."""
-  return np.asarray(values, dtype=np.float64)
-
-
 def _from_json(run: Run) -> Run:
   """A run read back from JSON: ``None`` inside float curves becomes NaN."""
   float_lists = ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds")
   run = dict(run)
   for name in float_lists:
     if run.get(name) is not None:
-      run[name] = _array(run[name]).tolist()
-  run["seconds_per_step"] = _array(run["seconds_per_step"]).tolist()
-  run["mean"] = {k: (_array(v).tolist() if isinstance(v, list) else
+      run[name] = float_array(run[name]).tolist()
+  run["seconds_per_step"] = float_array(run["seconds_per_step"]).tolist()
+  run["mean"] = {k: (float_array(v).tolist() if isinstance(v, list) else
                      float("nan") if v is None else v) for k, v in run["mean"].items()}
   return run

@@ -31,7 +31,6 @@ ENV_VAR = "OPTAX_LEARNED_DATA"
 TRAIN_FILE = "cifar10_train.npz"
 TEST_FILE = "cifar10_test.npz"
 TFDS = "tfds"
-IMAGE_SHAPE = (32, 32, 3)
 RESOLUTIONS = (8, 16, 32)
 NUM_CLASSES = 10
 

@@ -90,9 +90,9 @@ def map_particles(fn: Callable[[Any], Any], xs: Any, chunk: int = 0) -> Any:
   about 20% faster than a size-1 ``vmap``. On CPU this is often faster than one wide ``vmap``
   (per-particle weights make batched matmuls slow) and it bounds memory to one chunk's.
   Chunk ``r`` holds particles ``r, r + S/chunk, r + 2 S/chunk, ...``: one from each contiguous
-  block of ``S/chunk`` particles, so when the particle axis
-  is sharded over devices in contiguous blocks (``chunk`` a multiple of the device count),
-  every device works on its own particles.
+  block of ``S/chunk`` particles, so when the particle axis is sharded over devices in
+  contiguous blocks (``chunk`` a multiple of the device count), every device works on its own
+  particles.
 
   Args:
     fn: maps one particle's pytree to a pytree.

@@ -65,6 +65,7 @@ import optax
 import optax_learned
 from metatrain import baseline_cache
 from metatrain import tasks as tasks_lib
+from metatrain._json_io import float_array, jsonable, lr_key
 from metatrain.evaluation_report import markdown, write_outputs  # noqa: F401 (re-exported)
 from metatrain.tasks import base
 
@@ -308,8 +309,8 @@ def mean_curves(run: Run) -> dict[str, Any]:
   means = {}
   for name in ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds"):
     if run.get(name) is not None:
-      means[name] = np.mean(_array(run[name]), axis=0).tolist()
-  means["seconds_per_step"] = float(np.mean(_array(run["seconds_per_step"])))
+      means[name] = np.mean(float_array(run[name]), axis=0).tolist()
+  means["seconds_per_step"] = float(np.mean(float_array(run["seconds_per_step"])))
   return means
 
 
@@ -329,7 +330,7 @@ def time_to_target(steps: Sequence[float], seconds: Sequence[float], losses: Seq
   Returns:
     ``(step, seconds)``, or ``(None, None)`` if the curve never reaches ``target``.
   """
-  steps, seconds, losses = _array(steps), _array(seconds), _array(losses)
+  steps, seconds, losses = float_array(steps), float_array(seconds), float_array(losses)
   chex.assert_equal_shape([steps, seconds, losses])
   if not math.isfinite(target):
     return None, None
@@ -346,8 +347,8 @@ def time_to_target(steps: Sequence[float], seconds: Sequence[float], losses: Seq
 
 def stability(run: Run, total_steps: int) -> dict[str, Any]:
   """The ``diverged`` and ``stable`` flags of a run (see the module docstring)."""
-  train = _array(run["train_loss"])
-  valid = _array(run["valid_loss"])
+  train = float_array(run["train_loss"])
+  valid = float_array(run["valid_loss"])
   diverged = bool(not np.all(np.isfinite(train)) or not np.all(np.isfinite(valid)))
   mean_train = np.mean(train, axis=0)
   steps = np.asarray(run["steps"])
@@ -524,10 +525,10 @@ def evaluate(
         "learning_rates": list(grids[name]),
         "best_learning_rate": best,
         "best_at_grid_edge": best in (grids[name][0], grids[name][-1]) and len(grids[name]) > 1,
-        "final_valid_loss_by_lr": {_lr_key(lr): final_metrics(r)["final_valid_loss"]
+        "final_valid_loss_by_lr": {lr_key(lr): final_metrics(r)["final_valid_loss"]
                                    for lr, r in runs.items()},
         "cached": cached,
-        "runs": {_lr_key(lr): r for lr, r in runs.items()},
+        "runs": {lr_key(lr): r for lr, r in runs.items()},
     }
 
   learned = None
@@ -544,7 +545,7 @@ def evaluate(
 
   results = {
       "schema_version": SCHEMA_VERSION,
-      "task": {"name": task, "overrides": baseline_cache.jsonable(overrides),
+      "task": {"name": task, "overrides": jsonable(overrides),
                "config": _task_config(task_obj)},
       "protocol": protocol,
       "environment": _environment(),
@@ -559,7 +560,7 @@ def evaluate(
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
   """The summary of :func:`evaluate`'s results: tuned baselines, best one, comparisons."""
   steps = results["protocol"]["steps"]
-  tuned = {name: b["runs"][_lr_key(b["best_learning_rate"])]
+  tuned = {name: b["runs"][lr_key(b["best_learning_rate"])]
            for name, b in results["baselines"].items()}
   baselines = {}
   for name, run in tuned.items():
@@ -622,7 +623,7 @@ def _check_positive(**values: int) -> None:
 
 def _task_config(task: base.Task) -> dict[str, Any]:
   config = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name != "data_dir"}
-  return baseline_cache.jsonable({"class": type(task).__name__, **config})
+  return jsonable({"class": type(task).__name__, **config})
 
 
 def _horizon(optimizer: str | os.PathLike) -> int | None:
@@ -641,17 +642,8 @@ def _environment() -> dict[str, Any]:
           "cpu_count": os.cpu_count(), "hostname": platform.node()}
 
 
-def _lr_key(learning_rate: float) -> str:
-  return repr(float(learning_rate))
-
-
-def _array(values: Any) -> np.ndarray:
-  """A float array; ``None`` entries (NaN in JSON) become NaN."""
-  return np.asarray(values, dtype=np.float64)
-
-
 def _final(curve: Sequence[float]) -> float:
-  return float(_array(curve)[-1])
+  return float(float_array(curve)[-1])
 
 
 def _sort_key(value: float) -> float:

@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from metatrain import baseline_cache
+from metatrain._json_io import atomic_write, float_array, jsonable, lr_key
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
   """Writes ``results.json``, ``results.md``, ``loss_vs_step.png`` and ``loss_vs_time.png``."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  text = json.dumps(baseline_cache.jsonable(results), indent=1, allow_nan=False)
-  baseline_cache.atomic_write(out / "results.json", text)
-  baseline_cache.atomic_write(out / "results.md", markdown(results))
+  text = json.dumps(jsonable(results), indent=1, allow_nan=False)
+  atomic_write(out / "results.json", text)
+  atomic_write(out / "results.md", markdown(results))
   _plot(results, out / "loss_vs_step.png", x="steps")
   _plot(results, out / "loss_vs_time.png", x="seconds")
 
@@ -74,9 +74,9 @@ def markdown(results: dict[str, Any]) -> str:
       lines += ["", f"Meta-training horizon: {learned['horizon']} steps."]
   lines += ["", "## Learning-rate sweeps (final validation loss)", ""]
   for name, b in results["baselines"].items():
-    cells = [f"**{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}**"
+    cells = [f"**{lr:g}: {_fmt(b['final_valid_loss_by_lr'][lr_key(lr)])}**"
              if lr == b["best_learning_rate"]
-             else f"{lr:g}: {_fmt(b['final_valid_loss_by_lr'][_lr_key(lr)])}"
+             else f"{lr:g}: {_fmt(b['final_valid_loss_by_lr'][lr_key(lr)])}"
              for lr in b["learning_rates"]]
     edge = " (best at the grid's edge: widen the grid)" if b["best_at_grid_edge"] else ""
     lines.append(f"- {name}: " + ", ".join(cells) + edge)
@@ -95,14 +95,14 @@ def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
     curves.append(("learned", results["learned"]["run"], {"color": "k", "linewidth": 2}))
   for name, b in results["baselines"].items():
     lr = b["best_learning_rate"]
-    curves.append((f"{name} (lr={lr:g})", b["runs"][_lr_key(lr)], {}))
+    curves.append((f"{name} (lr={lr:g})", b["runs"][lr_key(lr)], {}))
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
                                ("training loss", "validation loss"), strict=True):
     values = []
     for label, run, style in curves:
       xs = run["steps"] if x == "steps" else run["mean"]["seconds"]
-      ys = _array(run["mean"][metric])
+      ys = float_array(run["mean"][metric])
       values.append(ys[np.isfinite(ys)])
       ax.plot(xs, ys, label=label, **style)
     finite = np.concatenate(values) if values else np.zeros(0)
@@ -118,16 +118,6 @@ def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _lr_key(learning_rate: float) -> str:
-  """The key of a learning rate in the results' dicts (as :mod:`metatrain.evaluation` writes)."""
-  return repr(float(learning_rate))
-
-
-def _array(values: Any) -> np.ndarray:
-  """A float array; ``None`` entries (NaN in JSON) become NaN."""
-  return np.asarray(values, dtype=np.float64)
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:

@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
 from metatrain import estimators, plots
+from metatrain._json_io import atomic_write
 from metatrain.configs import RunConfig
 from metatrain.tasks import base, families
 
@@ -190,7 +191,7 @@ class MetaTrainer:
             f"{self.workdir} holds a run with a different config; refusing to resume it:\n"
             f"{lines}\nUse another --workdir, or the stored config.")
     if jax.process_index() == 0:  # one writer when many hosts share the work directory
-      _atomic_write(config_file, json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+      atomic_write(config_file, json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
 
   def checkpoint_manager(self) -> ocp.CheckpointManager:
     """The run's Orbax checkpoint manager (only finished checkpoints are ever listed)."""
@@ -254,12 +255,6 @@ class MetaTrainer:
     return state
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _truncate_metrics(path: pathlib.Path, step: int) -> float:
   """Drops metrics lines after ``step`` (written after the checkpoint being resumed).
 
@@ -276,7 +271,7 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> float:
       continue  # a line cut by a kill
     if record.get("step", 0) <= step:
       kept.append(record)
-  _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+  atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
   return float(kept[-1]["wall_time"]) if kept else 0.0
 
 
