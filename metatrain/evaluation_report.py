@@ -1,8 +1,9 @@
 """Reports of :func:`metatrain.evaluation.evaluate`'s results: JSON, Markdown and plots.
 
 :func:`write_outputs` writes ``results.json``, ``results.md`` (:func:`markdown`) and two plots
-of the tuned optimizers' mean losses. Both functions take the results dict that ``evaluate``
-returns (or that ``results.json`` holds) and are re-exported by :mod:`metatrain.evaluation`.
+of the tuned optimizers' mean losses, against steps and against wall-clock
+(:func:`wall_clock_axes`). They take the results dict that ``evaluate`` returns (or that
+``results.json`` holds); :mod:`metatrain.evaluation` re-exports the first two.
 """
 
 import json
@@ -92,29 +93,60 @@ def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
 
   curves = []
   if results["learned"] is not None:
-    curves.append(("learned", results["learned"]["run"], {"color": "k", "linewidth": 2}))
+    curves.append(("learned", "learned", results["learned"]["run"],
+                   {"color": "k", "linewidth": 2}))
   for name, b in results["baselines"].items():
     lr = b["best_learning_rate"]
-    curves.append((f"{name} (lr={lr:g})", b["runs"][lr_key(lr)], {}))
+    curves.append((name, f"{name} (lr={lr:g})", b["runs"][lr_key(lr)], {}))
+  seconds, seconds_label = wall_clock_axes(results)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
                                ("training loss", "validation loss"), strict=True):
     values = []
-    for label, run, style in curves:
-      xs = run["steps"] if x == "steps" else run["mean"]["seconds"]
+    for name, label, run, style in curves:
+      xs = run["steps"] if x == "steps" else seconds[name]
       ys = float_array(run["mean"][metric])
       values.append(ys[np.isfinite(ys)])
       ax.plot(xs, ys, label=label, **style)
     finite = np.concatenate(values) if values else np.zeros(0)
     if finite.size and finite.min() > 0 and finite.max() > 10 * finite.min():
       ax.set_yscale("log")
-    ax.set_xlabel("step" if x == "steps" else "training seconds")
+    ax.set_xlabel("step" if x == "steps" else seconds_label)
     ax.set_title(f"{results['task']['name']}: {title}")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def wall_clock_axes(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
+  """The wall-clock axis of each tuned optimizer's curves in ``loss_vs_time.png``.
+
+  Runs trained one after another see different machine loads (and cached baselines were
+  trained in other sessions), so their measured seconds are not comparable. When the results
+  hold interleaved step costs for the learned optimizer and every tuned baseline, the axis is
+  ``step * interleaved seconds per step``: wall-clock at equal load, the basis of
+  ``interleaved_time_ratio``. Otherwise it is each run's measured training seconds.
+
+  Args:
+    results: the results dict of :func:`metatrain.evaluation.evaluate`.
+
+  Returns:
+    ``(seconds, label)``: seconds at each evaluation step by name (``"learned"`` and the
+    baselines' names) and the axis label.
+  """
+  runs = {name: b["runs"][lr_key(b["best_learning_rate"])]
+          for name, b in results["baselines"].items()}
+  costs = None
+  if results["learned"] is not None:
+    runs["learned"] = results["learned"]["run"]
+    costs = results["learned"].get("step_seconds_interleaved")
+  if costs is not None and set(runs) <= set(costs):
+    return ({name: float_array(run["steps"]) * costs[name] for name, run in runs.items()},
+            "seconds at equal load (steps x interleaved step cost)")
+  return ({name: float_array(run["mean"]["seconds"]) for name, run in runs.items()},
+          "training seconds (as measured)")
 
 
 # -- helpers ------------------------------------------------------------------------------

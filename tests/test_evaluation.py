@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_learned
-from metatrain import evaluation
+from metatrain import evaluation, evaluation_report
 
 LEARNING_RATES = (1e-2, 1e-1)
 PROTOCOL = dict(steps=20, seeds=2, eval_every=10, learning_rates=LEARNING_RATES,
@@ -90,6 +90,16 @@ def test_evaluate_outputs_selection_and_cache(tmp_path, learned_path, counted):
       assert comparison["interleaved_time_ratio"] == pytest.approx(
           comparison["steps_ratio"] * comparison["step_cost_ratio"])
   assert "time ratio (interleaved)" in (out / "results.md").read_text()
+  # loss_vs_time.png puts every curve on the equal-load axis (steps x interleaved cost) ...
+  seconds, label = evaluation_report.wall_clock_axes(stored)
+  assert set(seconds) == set(costs) and "interleaved" in label
+  for name, xs in seconds.items():
+    np.testing.assert_allclose(xs, np.asarray(run["steps"], float) * costs[name])
+  # ... and falls back to measured seconds where no interleaved costs were recorded.
+  del stored["learned"]["step_seconds_interleaved"]
+  seconds, label = evaluation_report.wall_clock_axes(stored)
+  assert "measured" in label
+  np.testing.assert_allclose(seconds["learned"], np.mean(run["seconds"], axis=0))
 
   again = evaluation.evaluate(learned_path, "linear_regression", **kwargs)
   assert counted == {"baseline": 6, "learned": 2}  # baselines came from the cache
