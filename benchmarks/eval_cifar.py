@@ -33,6 +33,8 @@ import os
 import pathlib
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 from metatrain import evaluation  # noqa: E402 (after the path setup)
@@ -40,8 +42,9 @@ from metatrain import evaluation  # noqa: E402 (after the path setup)
 TASKS = ("cifar_conv_32", "cifar_conv_16", "cifar_conv_8", "cifar_conv_32_w64")
 
 
-def _floats(text: str) -> tuple[float, ...]:
-  return tuple(float(value) for value in text.split(",") if value.strip())
+def comma_separated(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+  """An argparse ``type``: comma-separated values, each converted by ``kind``."""
+  return lambda text: tuple(kind(value) for value in text.split(",") if value.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="steps between evaluations (default steps // 25)")
   parser.add_argument("--num_eval_batches", type=int, default=evaluation.DEFAULT_NUM_EVAL_BATCHES)
   parser.add_argument("--baselines", default=",".join(evaluation.BASELINES))
-  parser.add_argument("--learning_rates", type=_floats, default=None,
+  parser.add_argument("--learning_rates", type=comma_separated(float), default=None,
                       help="one comma-separated grid for every baseline (default: 7 per "
                            "baseline, see metatrain.evaluation.DEFAULT_LEARNING_RATES)")
   parser.add_argument("--conv_impl", default="lax", choices=("lax", "patches"))

@@ -24,7 +24,9 @@ import sys
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from metatrain import evaluation, tasks  # noqa: E402 (after the path setup)
+from eval_cifar import comma_separated  # noqa: E402 (this script's directory)
+
+from metatrain import evaluation, tasks  # noqa: E402
 
 
 def warmup_cosine_adam(peak: float, budget: int) -> optax.GradientTransformation:
@@ -36,14 +38,6 @@ def warmup_cosine_adam(peak: float, budget: int) -> optax.GradientTransformation
   return optax.adam(schedule)
 
 
-def _floats(text: str) -> list[float]:
-  return [float(v) for v in text.split(",") if v]
-
-
-def _ints(text: str) -> list[int]:
-  return [int(v) for v in text.split(",") if v]
-
-
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--task", default="cifar_conv_32")
@@ -51,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="the constant-rate Adam run whose final training loss is the target")
   parser.add_argument("--learning_rate", type=float, default=3.16e-3,
                       help="its learning rate (the tuned one of the evaluation protocol)")
-  parser.add_argument("--budgets", type=_ints, default=[500, 600, 700, 800],
+  parser.add_argument("--budgets", type=comma_separated(int), default=(500, 600, 700, 800),
                       help="comma-separated schedule lengths")
-  parser.add_argument("--peaks", type=_floats, default=[5.62e-3, 1e-2, 1.78e-2],
+  parser.add_argument("--peaks", type=comma_separated(float), default=(5.62e-3, 1e-2, 1.78e-2),
                       help="comma-separated peak learning rates")
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--holdout_size", type=int, default=5000)

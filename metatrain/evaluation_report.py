@@ -92,12 +92,12 @@ def _plot(results: dict[str, Any], path: pathlib.Path, x: str) -> None:
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   curves = []
-  if results["learned"] is not None:
-    curves.append(("learned", "learned", results["learned"]["run"],
-                   {"color": "k", "linewidth": 2}))
-  for name, b in results["baselines"].items():
-    lr = b["best_learning_rate"]
-    curves.append((name, f"{name} (lr={lr:g})", b["runs"][lr_key(lr)], {}))
+  for name, run in _tuned_runs(results).items():
+    if name == "learned":
+      curves.append((name, name, run, {"color": "k", "linewidth": 2}))
+    else:
+      lr = results["baselines"][name]["best_learning_rate"]
+      curves.append((name, f"{name} (lr={lr:g})", run, {}))
   seconds, seconds_label = wall_clock_axes(results)
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for ax, metric, title in zip(axes, ("train_loss", "valid_loss"),
@@ -136,11 +136,9 @@ def wall_clock_axes(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], str
     ``(seconds, label)``: seconds at each evaluation step by name (``"learned"`` and the
     baselines' names) and the axis label.
   """
-  runs = {name: b["runs"][lr_key(b["best_learning_rate"])]
-          for name, b in results["baselines"].items()}
+  runs = _tuned_runs(results)
   costs = None
   if results["learned"] is not None:
-    runs["learned"] = results["learned"]["run"]
     costs = results["learned"].get("step_seconds_interleaved")
   if costs is not None and set(runs) <= set(costs):
     return ({name: float_array(run["steps"]) * costs[name] for name, run in runs.items()},
@@ -150,6 +148,14 @@ def wall_clock_axes(results: dict[str, Any]) -> tuple[dict[str, np.ndarray], str
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _tuned_runs(results: dict[str, Any]) -> dict[str, Any]:
+  """The learned optimizer's run (first, if any) and each baseline's run at its best rate."""
+  runs = {} if results["learned"] is None else {"learned": results["learned"]["run"]}
+  for name, b in results["baselines"].items():
+    runs[name] = b["runs"][lr_key(b["best_learning_rate"])]
+  return runs
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
