@@ -3,7 +3,7 @@
 Example::
 
   import optax, optax_learned
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
+  tx = optax_learned.load("cifar")  # an optax.GradientTransformation
 
 References:
   Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
@@ -31,7 +31,7 @@ from optax_learned._src.errors import (
 )
 from optax_learned._src.learned_optimizer import LearnedOptimizer, LearnedOptimizerState, MetaParams
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "FORMAT_VERSION",

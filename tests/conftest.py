@@ -10,35 +10,36 @@ import pytest
 import optax_learned
 
 
-def _descent_meta_params(lopt: optax_learned.LearnedOptimizer,
-                         feature: int) -> optax_learned.MetaParams:
-  """Weights that make the MLP output exactly ``d = x[feature]`` and ``m = 0``.
+def _descent_meta_params(lopt: optax_learned.LearnedOptimizer) -> optax_learned.MetaParams:
+  """Weights that make the learned optimizer exactly a width-scaled QH-Adam.
 
-  Two relu units compute ``relu(x) - relu(-x) = x`` for the chosen (normalised) input
-  feature; every other weight, and the time features' weights, are zero. The update is then
-  ``-step_mult * x[feature]``: with ``feature=0`` (the gradient) this is gradient descent
-  with the gradient of each leaf divided by its RMS, a descent direction.
+  Every weight of the per-tensor network is zero, so its outputs are zero whatever the
+  features: the log-step correction is 0 and the gradient mix is ``initial_gradient_mix``.
+  ``log_base_step`` is ``log([matrix_step, vector_step])``. The update of each element is
+  then ``-s * ((1 - q) * mu_hat + q * g) / (sqrt(nu_hat) + eps)`` with
+  ``s = matrix_step / fan_in`` for tensors of two or more dimensions and ``s = vector_step``
+  for vectors and scalars: Adam with a momentum/gradient mix, a descent method for small
+  enough steps (its first step is sign descent).
   """
-  if len(lopt.hidden_sizes) != 1 or lopt.hidden_sizes[0] < 2 or lopt.activation != "relu":
-    raise ValueError("descent weights need one relu hidden layer of at least 2 units")
   weights = jax.tree.map(lambda spec: np.zeros(spec.shape, np.float32), lopt.meta_params_shapes())
-  weights["layer_0"]["w"][feature, :2] = (1.0, -1.0)
-  weights["layer_1"]["w"][:2, 0] = (1.0, -1.0)
+  weights["log_base_step"] = np.log(np.asarray([lopt.matrix_step, lopt.vector_step],
+                                               np.float32))
   return jax.tree.map(jnp.asarray, weights)
 
 
 @pytest.fixture
-def descent_meta_params() -> Callable[..., optax_learned.MetaParams]:
-  """Factory ``(lopt, feature=0) -> meta_params`` of exact per-leaf normalised descent.
+def descent_meta_params() -> Callable[[optax_learned.LearnedOptimizer], optax_learned.MetaParams]:
+  """Factory ``lopt -> meta_params`` of the width-scaled QH-Adam that ``lopt`` starts from.
 
-  See ``_descent_meta_params``; feature 0 is the gradient, feature
-  ``3 + len(momentum_decays)`` is ``g * rsqrt(v + eps)`` (sign descent on the first step).
+  See ``_descent_meta_params``. (The factory of the per-element design took the index of
+  the input feature to pass through; the per-tensor network has no per-element feature to
+  choose, so there is no such argument.)
   """
-  return lambda lopt, feature=0: _descent_meta_params(lopt, feature)
+  return _descent_meta_params
 
 
 @pytest.fixture
 def descent_optimizer(descent_meta_params):
-  """A learned optimizer whose weights make it per-leaf normalised gradient descent."""
-  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), step_mult=0.01)
+  """A learned optimizer whose weights make it a width-scaled QH-Adam (a descent method)."""
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), matrix_step=0.05, vector_step=0.02)
   return lopt, descent_meta_params(lopt)

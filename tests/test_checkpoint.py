@@ -18,8 +18,8 @@ import pytest
 import optax_learned
 from optax_learned._src import checkpoint
 
-_LOPT = optax_learned.LearnedOptimizer(hidden_sizes=(6, 5), momentum_decays=(0.5, 0.99),
-                                       time_scales=(10.0, 100.0), output_init_scale=0.5)
+_LOPT = optax_learned.LearnedOptimizer(hidden_sizes=(6, 5), beta1=0.8, time_scales=(10.0, 100.0),
+                                       matrix_step=0.25, output_init_scale=0.5)
 # Each load must finish well within this (a hang would otherwise stall the suite).
 _TIMEOUT_S = 20.0
 
@@ -93,7 +93,7 @@ def test_round_trip_is_bit_exact(saved):
   _assert_trees_bit_equal(meta_params, _meta_params())
   assert optax_learned.load_metadata(saved) == {"description": "a test optimizer", "steps": 3}
   config = json.loads((saved / "optimizer.json").read_text())
-  assert config["format_version"] == optax_learned.FORMAT_VERSION
+  assert config["format_version"] == optax_learned.FORMAT_VERSION == 2
   assert config["package_version"] == optax_learned.__version__
 
 
@@ -106,6 +106,11 @@ def test_load_returns_a_working_transformation(saved):
   expected = jax.jit(reference.update)(grads, reference.init(params), params)
   _assert_trees_bit_equal(got, expected)
   assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(got[0]))
+  # The learning-rate multiplier reaches the transformation: 0.5 halves every step exactly.
+  half = _call(optax_learned.load, saved, 0.5)
+  halved, state = jax.jit(half.update)(grads, half.init(params), params)
+  _assert_trees_bit_equal(halved, jax.tree.map(lambda u: 0.5 * u, got[0]))
+  _assert_trees_bit_equal(state, got[1])
 
 
 def test_save_refuses_to_overwrite_unless_asked(saved, copy, tmp_path):
@@ -129,8 +134,9 @@ def test_save_refuses_bad_weights_and_metadata(tmp_path):
   with pytest.raises(optax_learned.CheckpointArraysError, match=r"missing.*layer_2|shape"):
     optax_learned.save(tmp_path / "a", _LOPT, wrong_shapes)
   nonfinite = _meta_params()
-  nonfinite["time_w"] = nonfinite["time_w"].at[0, 0].set(jnp.nan)
-  with pytest.raises(optax_learned.CheckpointArraysError, match=r"\['time_w'\].*non-finite"):
+  nonfinite["log_base_step"] = nonfinite["log_base_step"].at[0].set(jnp.nan)
+  with pytest.raises(optax_learned.CheckpointArraysError,
+                     match=r"\['log_base_step'\].*non-finite"):
     optax_learned.save(tmp_path / "b", _LOPT, nonfinite)
   with pytest.raises(TypeError, match="JSON-serialisable"):
     optax_learned.save(tmp_path / "c", _LOPT, _meta_params(), metadata={"f": object()})
@@ -247,7 +253,7 @@ def test_directory_that_is_not_a_checkpoint(tmp_path):
     ("\xff\xfe garbage", "cannot read the config"),
     ("[1, 2]", "must be a JSON object"),
     ("[" * 100_000 + "]" * 100_000, "cannot read the config"),
-    ('{"format_version": 1, "optimizer": {}, "x": ' + "9" * 5000 + "}", "cannot read"),
+    ('{"format_version": 2, "optimizer": {}, "x": ' + "9" * 5000 + "}", "cannot read"),
 ])
 def test_malformed_config(copy, text, message):
   (copy / "optimizer.json").write_bytes(text.encode("latin-1"))
@@ -263,7 +269,8 @@ def test_malformed_config(copy, text, message):
     (lambda c: c.update(weights_sha="0"), optax_learned.CheckpointConfigError,
      r"unknown key\(s\) \['weights_sha'\]"),
     (lambda c: c.update(format_version=optax_learned.FORMAT_VERSION + 1),
-     optax_learned.CheckpointVersionError, r"format version 2 is newer.*upgrade"),
+     optax_learned.CheckpointVersionError,
+     rf"format version {optax_learned.FORMAT_VERSION + 1} is newer.*upgrade"),
     (lambda c: c.update(format_version="1"), optax_learned.CheckpointConfigError,
      "format_version must be a positive integer"),
     (lambda c: c.update(format_version=True), optax_learned.CheckpointConfigError,
@@ -274,8 +281,10 @@ def test_malformed_config(copy, text, message):
      "metadata must be a JSON object"),
     (lambda c: c.update(optimizer=[1]), optax_learned.CheckpointConfigError,
      "invalid optimizer config: it must be a JSON object"),
-    (lambda c: c["optimizer"].pop("step_mult"), optax_learned.CheckpointConfigError,
-     r"missing field\(s\) \['step_mult'\]"),
+    (lambda c: c["optimizer"].pop("matrix_step"), optax_learned.CheckpointConfigError,
+     r"missing field\(s\) \['matrix_step'\]"),
+    (lambda c: c["optimizer"].update(step_mult=0.1), optax_learned.CheckpointConfigError,
+     r"unknown optimizer config keys \['step_mult'\]"),
     (lambda c: c["optimizer"].update(learning_rate=1.0), optax_learned.CheckpointConfigError,
      r"unknown optimizer config keys \['learning_rate'\]"),
     (lambda c: c["optimizer"].update(hidden_sizes=[-1]), optax_learned.CheckpointConfigError,
@@ -284,10 +293,12 @@ def test_malformed_config(copy, text, message):
      "hidden_sizes must be a sequence of int"),
     (lambda c: c["optimizer"].update(activation="swish"), optax_learned.CheckpointConfigError,
      "activation must be one of"),
-    (lambda c: c["optimizer"].update(step_mult=None), optax_learned.CheckpointConfigError,
-     "step_mult must be a finite number"),
-    (lambda c: c["optimizer"].update(momentum_decays=[1.5]), optax_learned.CheckpointConfigError,
-     r"momentum_decays must lie in \[0, 1\)"),
+    (lambda c: c["optimizer"].update(matrix_step=None), optax_learned.CheckpointConfigError,
+     "matrix_step must be a finite number"),
+    (lambda c: c["optimizer"].update(beta1=1.5), optax_learned.CheckpointConfigError,
+     r"beta1 must lie in \[0, 1\)"),
+    (lambda c: c["optimizer"].update(initial_gradient_mix=0), optax_learned.CheckpointConfigError,
+     r"initial_gradient_mix must lie in \(0, 1\)"),
     (lambda c: c["optimizer"].update(skip_nonfinite="yes"), optax_learned.CheckpointConfigError,
      "skip_nonfinite must be a bool"),
 ])
@@ -299,12 +310,26 @@ def test_invalid_config(copy, edit, error, message):
     optax_learned.load(copy)
 
 
+def test_version_1_checkpoint_fails_naming_both_versions(copy):
+  """Checkpoints of the per-element design (format 1, optax_learned 0.1) do not load."""
+  _edit_config(copy, lambda c: c.update(format_version=1))
+  message = r"format version 1 .*reads format version 2"
+  with pytest.raises(optax_learned.CheckpointVersionError, match=message):
+    _call(optax_learned.load_weights, copy)
+  with pytest.raises(optax_learned.CheckpointVersionError, match=message):
+    _call(optax_learned.load, copy)
+  with pytest.raises(optax_learned.CheckpointVersionError, match=message):
+    optax_learned.load_metadata(copy)
+  with pytest.raises(ValueError, match=r"optax-learned==0\.1\.0"):  # also a ValueError
+    optax_learned.load_weights(copy)
+
+
 def test_nan_in_config_is_refused(copy):
   text = (copy / "optimizer.json").read_text()
-  text, count = re.subn(r'"step_mult": [^,}\s]+', '"step_mult": NaN', text)
+  text, count = re.subn(r'"matrix_step": [^,}\s]+', '"matrix_step": NaN', text)
   assert count == 1
   (copy / "optimizer.json").write_text(text)
-  with pytest.raises(optax_learned.CheckpointConfigError, match="step_mult must be a finite"):
+  with pytest.raises(optax_learned.CheckpointConfigError, match="matrix_step must be a finite"):
     _call(optax_learned.load_weights, copy)
 
 
@@ -389,9 +414,10 @@ def test_arrays_with_extra_or_missing_entries(copy):
   _rewrite_weights(copy, tree)
   with pytest.raises(optax_learned.CheckpointArraysError, match=r"unexpected \[\"\['payload'\]"):
     _call(optax_learned.load_weights, copy)
-  del tree["payload"], tree["time_w"]
+  del tree["payload"], tree["log_base_step"]
   _rewrite_weights(copy, tree)
-  with pytest.raises(optax_learned.CheckpointArraysError, match=r"missing \[\"\['time_w'\]"):
+  with pytest.raises(optax_learned.CheckpointArraysError,
+                     match=r"missing \[\"\['log_base_step'\]"):
     _call(optax_learned.load_weights, copy)
 
 

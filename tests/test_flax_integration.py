@@ -53,10 +53,15 @@ def test_linen_train_state_loss_goes_down(descent_optimizer):
   for _ in range(80):
     state, loss = _linen_step(state, x, y)
     losses.append(float(loss))
-  # Per-leaf normalised gradient descent: a descent direction, so small steps lower the loss.
+  # A width-scaled QH-Adam: a descent method, so small steps lower the loss.
   assert all(b < a for a, b in zip(losses[:10], losses[1:11], strict=True)), losses[:11]
   assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
   assert int(state.opt_state.count) == 80 and int(state.step) == 80
+  # The state is Adam's layout: params-shaped float32 accumulators.
+  for accumulator in (state.opt_state.mu, state.opt_state.nu):
+    assert jax.tree.structure(accumulator) == jax.tree.structure(state.params)
+    for a, p in zip(jax.tree.leaves(accumulator), jax.tree.leaves(state.params), strict=True):
+      assert a.shape == p.shape and a.dtype == jnp.float32
 
 
 def test_linen_train_state_with_random_weights_moves_and_stays_finite():

@@ -1,6 +1,7 @@
 """Tests of the learned optimizer transformation: reference maths, pytrees, errors, numerics."""
 
 import functools
+import json
 import math
 import pathlib
 import re
@@ -24,49 +25,93 @@ _ACTIVATIONS = {
     "gelu": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi)
                                                * (x + 0.044715 * x ** 3))),
 }
+# The reference's own copies of the documented constants (checked against the module below).
+_SAMPLE_SIZE = 4096
+_TENSOR_FEATURES = ("log_fan_in", "log_fan_out", "is_vector", "log_relative_scale", "log_snr")
 
 
 def _np_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
 
 
-def reference_step(lopt, meta_params, grads, params, state):
-  """One step of the Metz et al. (2019) per-parameter MLP, written out in float64 numpy.
+def _sample(x):
+  """At most 4096 evenly spaced elements: every ``n // 4096``-th of the flattened array."""
+  flat = x.reshape(-1)
+  return flat[::max(flat.size // _SAMPLE_SIZE, 1)][:_SAMPLE_SIZE]
 
-  Returns ``(updates, (count, momentum, second_moment))`` with dict trees of arrays.
+
+def reference_step(lopt, meta_params, grads, params, state, learning_rate=1.0):
+  """One step of the hierarchical learned optimizer, written out in float64 numpy.
+
+  For each tensor: scale-free features (fan-in, fan-out, vector flag, parameter scale
+  against ``1 / sqrt(fan_in)``, gradient signal-to-noise ratio on evenly spaced samples) and
+  time features feed the per-tensor MLP; its first output is a bounded log-step correction
+  of the fan-in scaled base step, its second the logit of the gradient mix ``q`` (offset by
+  the initial mix). Each element then takes Adam's bias-corrected step with that step size
+  and mix. ``state`` is ``(count, mu, nu)`` with dict trees; returns ``(updates, state)``.
   """
-  count, momentum, second_moment = state
+  count, mu, nu = state
   w = _np_tree(meta_params)
   act = _ACTIVATIONS[lopt.activation]
-  decays = np.asarray(lopt.momentum_decays)
-  beta2 = lopt.second_moment_decay
+  b1, b2, bound = lopt.beta1, lopt.beta2, lopt.max_log_correction
+  mu_correction = 1.0 / (1.0 - b1 ** (count + 1))
+  nu_correction = 1.0 / (1.0 - b2 ** (count + 1))
   time = np.tanh(count / np.asarray(lopt.time_scales) - 1.0)
+  mix_logit = math.log(lopt.initial_gradient_mix / (1.0 - lopt.initial_gradient_mix))
+  multiplier = learning_rate(count) if callable(learning_rate) else learning_rate
   num_layers = len(lopt.hidden_sizes) + 1
-  updates, new_m, new_v = {}, {}, {}
+  updates, new_mu, new_nu = {}, {}, {}
   for key in grads:
-    g = np.clip(np.asarray(grads[key], np.float64), -1e18, 1e18)
     p = np.asarray(params[key], np.float64)
-    m_old = np.moveaxis(np.asarray(momentum[key], np.float64), 0, -1)  # decays last
-    m = decays * m_old + (1 - decays) * g[..., None]
-    v = beta2 * np.asarray(second_moment[key], np.float64) + (1 - beta2) * g * g
-    r = 1.0 / np.sqrt(v + lopt.epsilon)
-    columns = [g, p] + [m[..., i] for i in range(len(decays))] + [r, g * r] + [
-        m[..., i] * r for i in range(len(decays))]
-    x = np.stack([c.reshape(-1) for c in columns], axis=1)  # [n, num_features]
-    for j in range(x.shape[1]):  # each column divided by its RMS (after scaling by its max)
-      peak = np.max(np.abs(x[:, j]))
-      col = x[:, j] / (peak if peak > 0 else 1.0)
-      x[:, j] = col / np.sqrt(np.mean(col ** 2) + 1e-12)
-    h = x
+    m0, v0 = np.asarray(mu[key], np.float64), np.asarray(nu[key], np.float64)
+    raw = np.asarray(grads[key], np.float64)
+    finite = np.isfinite(raw)
+    g = np.clip(raw, -1e18, 1e18)
+    shape = p.shape
+    fan_in = max(math.prod(shape[:-1]), 1) if len(shape) >= 2 else 1
+    fan_out = shape[-1] if len(shape) >= 2 else 1
+    features = [math.log(fan_in) / 4.0, math.log(fan_out) / 4.0, float(len(shape) < 2)]
+    if p.size:
+      # Non-finite gradients enter the features as zeros, whatever skip_nonfinite says.
+      ps, gs, ms, vs = (_sample(x) for x in (p, np.where(finite, g, 0.0), m0, v0))
+      ms, vs = b1 * ms + (1 - b1) * gs, b2 * vs + (1 - b2) * gs ** 2
+      scale = math.log(np.mean(ps ** 2) * fan_in + 1e-30) / 2.0
+      snr = math.log((np.mean((ms * mu_correction) ** 2) + 1e-30)
+                     / (np.mean(vs * nu_correction) + 1e-30))
+      features += [np.clip(scale, -10.0, 10.0) / 2.0, np.clip(snr, -20.0, 0.0) / 4.0]
+    else:
+      features += [0.0, 0.0]
+    h = np.concatenate([features, time])
     for i in range(num_layers):
-      bias = w[f"layer_{i}"]["b"] + (time @ w["time_w"] if i == 0 else 0.0)
-      h = h @ w[f"layer_{i}"]["w"] + bias
+      h = h @ w[f"layer_{i}"]["w"] + w[f"layer_{i}"]["b"]
       if i < num_layers - 1:
         h = act(h)
-    step = lopt.step_mult * h[:, 0] * np.exp(lopt.exp_mult * h[:, 1])
-    updates[key] = -step.reshape(p.shape)
-    new_m[key], new_v[key] = np.moveaxis(m, -1, 0), v
-  return updates, (count + 1, new_m, new_v)
+    correction = bound * np.tanh(h[0] / bound)
+    log_base = (w["log_base_step"][0] - math.log(fan_in) if len(shape) >= 2
+                else w["log_base_step"][1])
+    step_size = math.exp(log_base + correction) * multiplier
+    mix = 1.0 / (1.0 + math.exp(-(h[1] + mix_logit)))
+
+    ok = finite if lopt.skip_nonfinite else np.ones(shape, bool)
+    g = np.where(ok, g, 0.0)
+    with np.errstate(invalid="ignore"):
+      m, v = b1 * m0 + (1 - b1) * g, b2 * v0 + (1 - b2) * g ** 2
+      update = -step_size * (((1 - mix) * m * mu_correction + mix * g)
+                             / (np.sqrt(v * nu_correction) + lopt.epsilon))
+    updates[key] = np.where(ok, update, 0.0)
+    new_mu[key], new_nu[key] = np.where(ok, m, m0), np.where(ok, v, v0)
+  return updates, (count + 1, new_mu, new_nu)
+
+
+def test_reference_constants_are_the_documented_ones():
+  assert learned_optimizer.FEATURE_SAMPLE_SIZE == _SAMPLE_SIZE
+  assert learned_optimizer.TENSOR_FEATURES == _TENSOR_FEATURES
+  assert learned_optimizer.OUTPUTS == ("log_step_correction", "gradient_mix")
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(3, 2), time_scales=(1.0, 2.0))
+  assert lopt.num_features == len(_TENSOR_FEATURES) + 2
+  shapes = jax.tree.map(lambda s: s.shape, lopt.meta_params_shapes())
+  assert shapes == {"layer_0": {"w": (7, 3), "b": (3,)}, "layer_1": {"w": (3, 2), "b": (2,)},
+                    "layer_2": {"w": (2, 2), "b": (2,)}, "log_base_step": (2,)}
 
 
 def _random_meta_params(lopt, seed=0):
@@ -101,27 +146,40 @@ def _tiny_tree(seed, scale=1.0):
           "w": jnp.asarray(scale * rng.normal(size=(2, 3)), jnp.float32)}
 
 
+def _reference_tree(seed, scale=1.0):
+  """Vectors, a scalar, a matrix, a 3-d kernel and a tensor sampled for its features.
+
+  ``big`` has 3 * 4100 elements: its features are read from every third element, and of
+  those only the first 4096 (flat indices 0, 3, ..., 12285).
+  """
+  rng = np.random.default_rng(seed)
+  tree = {"k": rng.normal(size=(2, 2, 3)), "big": 0.1 * rng.normal(size=(3, 4100)),
+          "empty": np.zeros((0, 3))}
+  return {**_tiny_tree(seed, scale),
+          **{key: jnp.asarray(scale * x, jnp.float32) for key, x in tree.items()}}
+
+
 def _assert_close(actual, expected, rtol=2e-4):
   for key in expected:
     a, e = np.asarray(actual[key], np.float64), np.asarray(expected[key])
-    np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e)) + 1e-30,
-                               err_msg=key)
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * np.max(np.abs(e), initial=0.0)
+                               + 1e-30, err_msg=key)
 
 
 def _state_as_np(state):
-  return int(state.count), _np_tree(state.momentum), _np_tree(state.second_moment)
+  return int(state.count), _np_tree(state.mu), _np_tree(state.nu)
 
 
-@pytest.mark.parametrize("activation, hidden_sizes", [
-    ("relu", (6,)), ("tanh", (5, 4)), ("gelu", (3,)), ("relu", ()),
+@pytest.mark.parametrize("activation, hidden_sizes, bound", [
+    ("relu", (6,), 3.0), ("tanh", (5, 4), 3.0), ("gelu", (3,), 3.0), ("relu", (), 0.5),
 ])
-def test_matches_numpy_reference_for_two_steps(activation, hidden_sizes):
+def test_matches_numpy_reference_for_two_steps(activation, hidden_sizes, bound):
   lopt = optax_learned.LearnedOptimizer(
-      hidden_sizes=hidden_sizes, activation=activation, momentum_decays=(0.5, 0.9, 0.99),
-      time_scales=(1.0, 10.0, 100.0), step_mult=0.1, exp_mult=0.5, output_init_scale=1.0)
+      hidden_sizes=hidden_sizes, activation=activation, beta1=0.8, beta2=0.99,
+      time_scales=(1.0, 10.0, 100.0), max_log_correction=bound, initial_gradient_mix=0.2)
   meta_params = _random_meta_params(lopt)
   init, update = _jitted(lopt)
-  params, grads_1, grads_2 = _tiny_tree(0), _tiny_tree(1), _tiny_tree(2, scale=1e-3)
+  params, grads_1, grads_2 = _reference_tree(0), _reference_tree(1), _reference_tree(2, 1e-3)
 
   state = init(meta_params, params)
   updates_1, state = update(meta_params, grads_1, state, params)
@@ -134,58 +192,172 @@ def test_matches_numpy_reference_for_two_steps(activation, hidden_sizes):
   _assert_close(updates_2, expected_2)
 
   assert int(state.count) == ref_state[0] == 2
-  _assert_close(state.momentum, ref_state[1], rtol=1e-6)
-  _assert_close(state.second_moment, ref_state[2], rtol=1e-6)
+  _assert_close(state.mu, ref_state[1], rtol=1e-6)
+  _assert_close(state.nu, ref_state[2], rtol=1e-6)
+  # The network matters: the steps are not those of its untrained (near-Adam) outputs.
+  untrained, _ = reference_step(lopt, lopt.init(jax.random.key(0)), grads_1, params,
+                                _state_as_np(init(meta_params, params)))
+  assert not np.allclose(untrained["w"], expected_1["w"], rtol=1e-2)
 
 
 def test_matches_numpy_reference_from_a_late_state():
   """Time features at step 37 and non-zero accumulators enter as the reference says."""
-  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,), output_init_scale=1.0, exp_mult=0.3,
-                                        step_mult=0.05)
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,), time_scales=(10.0, 100.0))
   meta_params = _random_meta_params(lopt, seed=3)
-  params, grads = _tiny_tree(4), _tiny_tree(5)
+  params, grads = _reference_tree(4), _reference_tree(5)
   rng = np.random.default_rng(6)
   state = optax_learned.LearnedOptimizerState(
       count=jnp.asarray(37, jnp.int32),
-      momentum=jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(5,) + p.shape), jnp.float32),
-                            params),
-      second_moment=jax.tree.map(lambda p: jnp.asarray(rng.uniform(size=p.shape), jnp.float32),
-                                 params))
+      mu=jax.tree.map(lambda p: jnp.asarray(0.3 * rng.normal(size=p.shape), jnp.float32),
+                      params),
+      nu=jax.tree.map(lambda p: jnp.asarray(rng.uniform(size=p.shape), jnp.float32), params))
   updates, new_state = _jitted(lopt)[1](meta_params, grads, state, params)
   expected, ref_state = reference_step(lopt, meta_params, grads, params, _state_as_np(state))
   _assert_close(updates, expected)
   assert int(new_state.count) == 38
-  _assert_close(new_state.second_moment, ref_state[2], rtol=1e-6)
+  _assert_close(new_state.mu, ref_state[1], rtol=1e-6)
+  _assert_close(new_state.nu, ref_state[2], rtol=1e-6)
 
 
-def test_first_step_of_sign_weights_is_sign_descent(descent_meta_params):
-  """With d = normalised g / sqrt(v), the first step is exactly -step_mult * sign(g)."""
-  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(2,), step_mult=0.01)
-  meta_params = descent_meta_params(lopt, feature=3 + len(lopt.momentum_decays))
+def test_features_read_only_the_evenly_spaced_sample():
+  """Elements outside the sample change no step size: only their own update changes."""
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,), time_scales=(10.0, 100.0))
+  meta_params = _random_meta_params(lopt, seed=3)
   init, update = _jitted(lopt)
-  grads = {"a": jnp.array([[0.5, -2.0, 3.0], [-1.0, 0.25, 4.0]]), "b": jnp.array([-7.0])}
+  params, grads = _reference_tree(4), _reference_tree(5)
+  step = lambda g, p: update(meta_params, g, init(meta_params, p), p)[0]
+  base = step(grads, params)
+  set_big = lambda tree, index, value: {
+      **tree, "big": tree["big"].reshape(-1).at[index].set(value).reshape(3, 4100)}
+
+  for unsampled in (1, 3 * 4096):  # off the stride, and on it but past the first 4096
+    chex.assert_trees_all_equal(step(grads, set_big(params, unsampled, 100.0)), base)
+    moved = step(set_big(grads, unsampled, 100.0), params)
+    changed = np.flatnonzero(np.asarray(moved["big"] != base["big"]).reshape(-1))
+    assert changed.tolist() == [unsampled]
+    chex.assert_trees_all_equal({k: v for k, v in moved.items() if k != "big"},
+                                {k: v for k, v in base.items() if k != "big"})
+  sampled = step(grads, set_big(params, 3, 100.0))  # the parameter scale feature moves
+  assert not np.allclose(sampled["big"], base["big"], rtol=1e-3)
+  chex.assert_trees_all_equal(sampled["w"], base["w"])  # other tensors keep their steps
+
+
+def test_descent_weights_are_a_width_scaled_qh_adam(descent_optimizer):
+  """Zero network weights: the first step is sign descent of fan-in scaled size, and later
+  steps are QH-Adam (Adam with a fixed mix of the raw gradient) with those step sizes."""
+  lopt, meta_params = descent_optimizer
+  init, update = _jitted(lopt)
+  rng = np.random.default_rng(0)
+  shapes = {"b": (3,), "s": (), "w": (2, 3), "k": (2, 2, 3), "big": (3, 4100),
+            "empty": (0, 3)}
+  fan_in = {"b": 1, "s": 1, "w": 2, "k": 4, "big": 3, "empty": 1}
+  grads = [{k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+           for _ in range(4)]
+  params = {k: jnp.ones(s) for k, s in shapes.items()}
+  state = init(meta_params, params)
+  q, (b1, b2, eps) = lopt.initial_gradient_mix, (lopt.beta1, lopt.beta2, lopt.epsilon)
+  m = {k: np.zeros(s) for k, s in shapes.items()}
+  v = {k: np.zeros(s) for k, s in shapes.items()}
+  for t, g in enumerate(grads, start=1):
+    updates, state = update(meta_params, g, state, params)
+    for key, shape in shapes.items():
+      size = lopt.matrix_step / fan_in[key] if len(shape) >= 2 else lopt.vector_step
+      g_np = np.asarray(g[key], np.float64)
+      m[key] = b1 * m[key] + (1 - b1) * g_np
+      v[key] = b2 * v[key] + (1 - b2) * g_np ** 2
+      expected = -size * (((1 - q) * m[key] / (1 - b1 ** t) + q * g_np)
+                          / (np.sqrt(v[key] / (1 - b2 ** t)) + eps))
+      # (atol: the mix of a momentum and a gradient of opposite signs cancels digits.)
+      np.testing.assert_allclose(updates[key], expected, rtol=2e-4, atol=1e-5 * size,
+                                 err_msg=key)
+      if t == 1:  # |g| / (|g| + eps): within 1e-4 of 1 unless |g| < 1e-4
+        np.testing.assert_allclose(updates[key], -size * np.sign(g_np), rtol=1e-4,
+                                   atol=1e-3 * size, err_msg=key)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_the_networks_step_correction_is_bounded(descent_optimizer, sign):
+  """However large the network's output, a step stays within exp(±max_log_correction) of
+  the fan-in scaled base step."""
+  lopt, meta_params = descent_optimizer
+  last = f"layer_{len(lopt.hidden_sizes)}"
+  meta_params = {**meta_params, last: {**meta_params[last],
+                                       "b": jnp.asarray([sign * 1e4, 0.0], jnp.float32)}}
+  init, update = _jitted(lopt)
+  grads = {"b": jnp.asarray([0.5, -2.0, 3.0]), "w": jnp.asarray([[1.0, -1.0, 2.0]] * 4)}
   params = jax.tree.map(jnp.ones_like, grads)
   updates, _ = update(meta_params, grads, init(meta_params, params), params)
-  for key in grads:
-    np.testing.assert_allclose(updates[key], -0.01 * np.sign(grads[key]), rtol=1e-4)
+  factor = math.exp(sign * lopt.max_log_correction)
+  np.testing.assert_allclose(updates["b"], -lopt.vector_step * factor * np.sign(grads["b"]),
+                             rtol=1e-4)
+  np.testing.assert_allclose(updates["w"], -lopt.matrix_step / 4 * factor * np.sign(grads["w"]),
+                             rtol=1e-4)
 
 
-def test_leaf_features_columns_have_unit_rms():
-  lopt = optax_learned.LearnedOptimizer()
-  rng = np.random.default_rng(0)
-  g = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
-  p = jnp.asarray(1e20 * rng.normal(size=(7, 5)), jnp.float32)  # would overflow if squared
+# -- the learning-rate multiplier ------------------------------------------------------------
 
-  @jax.jit
-  def features_of(g, p):
-    _, m, v = lopt._accumulate(g, jnp.zeros((5, 7, 5)), jnp.zeros((7, 5)))
-    return lopt.leaf_features(g, p, m, v)
 
-  features = features_of(g, p)
-  assert features.shape == (35, lopt.num_features)
-  np.testing.assert_allclose(jnp.sqrt(jnp.mean(features ** 2, axis=0)), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(
-      learned_optimizer.normalize_columns(jnp.zeros((4, 3))), np.zeros((4, 3)))
+@functools.cache
+def _jitted_with_rate(lopt):
+  """``update`` of ``lopt`` jitted with the weights and a scalar learning rate as arguments."""
+  return jax.jit(lambda meta_params, learning_rate, grads, state, params: lopt.transform(
+      meta_params, learning_rate=learning_rate).update(grads, state, params))
+
+
+def test_learning_rate_scales_every_step_exactly():
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  meta_params = _random_meta_params(lopt)
+  init, update = _jitted(lopt)
+  update_at = _jitted_with_rate(lopt)
+  params, grads = _reference_tree(0), _reference_tree(1)
+  state = init(meta_params, params)
+  full, full_state = update_at(meta_params, 1.0, grads, state, params)
+  half, half_state = update_at(meta_params, 0.5, grads, state, params)
+  chex.assert_trees_all_equal(full, update(meta_params, grads, state, params)[0])
+  chex.assert_trees_all_equal(half, jax.tree.map(lambda u: 0.5 * u, full))
+  chex.assert_trees_all_equal(half_state, full_state)  # the accumulators do not see it
+  assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(full))
+  expected, _ = reference_step(lopt, meta_params, grads, params, _state_as_np(state), 0.5)
+  _assert_close(half, expected)
+
+
+def test_learning_rate_schedule_is_a_function_of_the_count():
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  meta_params = _random_meta_params(lopt)
+  init, update = _jitted(lopt)
+  counts = []
+
+  def schedule(count):
+    counts.append(count)
+    return 0.25 ** count  # 1 for the first update, 1/4 for the second
+
+  tx = lopt.transform(meta_params, learning_rate=schedule)
+  step = jax.jit(tx.update)
+  params, grads_1, grads_2 = _tiny_tree(0), _tiny_tree(1), _tiny_tree(2)
+  updates_1, state = step(grads_1, init(meta_params, params), params)
+  updates_2, state = step(grads_2, state, params)
+  assert counts and all(c.dtype == jnp.int32 and c.shape == () for c in counts)
+  plain_1, plain_state = update(meta_params, grads_1, init(meta_params, params), params)
+  plain_2, _ = update(meta_params, grads_2, plain_state, params)
+  chex.assert_trees_all_equal(updates_1, plain_1)
+  chex.assert_trees_all_close(updates_2, jax.tree.map(lambda u: 0.25 * u, plain_2),
+                              rtol=1e-6)
+  assert int(state.count) == 2
+
+
+def test_learning_rate_works_under_inject_hyperparams():
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  meta_params = _random_meta_params(lopt)
+  tx = optax.inject_hyperparams(functools.partial(lopt.transform, meta_params))(
+      learning_rate=0.5)
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  half, _ = step(grads, state, params)
+  state.hyperparams["learning_rate"] = jnp.asarray(1.0)
+  full, new_state = step(grads, state, params)
+  chex.assert_trees_all_equal(half, jax.tree.map(lambda u: 0.5 * u, full))
+  assert int(new_state.inner_state.count) == 1
 
 
 # -- composition with Optax ------------------------------------------------------------------
@@ -296,6 +468,10 @@ def test_any_float_pytree_keeps_structure_shapes_and_dtypes():
     return optax.apply_updates(params, updates), updates, state
 
   state = tx.init(params)
+  assert jax.tree.structure(state.mu) == jax.tree.structure(params)
+  for m, v, p in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.nu),
+                     jax.tree.leaves(params), strict=True):
+    assert m.shape == v.shape == jnp.shape(p) and m.dtype == v.dtype == jnp.float32
   for _ in range(2):
     new_params, updates, state = step(params, state)
   assert jax.tree.structure(updates) == jax.tree.structure(grads)
@@ -316,12 +492,16 @@ def test_low_precision_leaves_match_float32_computation():
   as_type = lambda tree, dtype: jax.tree.map(lambda x: x.astype(dtype), tree)
   for dtype in (jnp.bfloat16, jnp.float16):
     params, grads = as_type(params32, dtype), as_type(grads32, dtype)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    reference, _ = tx.update(as_type(grads, jnp.float32), tx.init(params32),
-                             as_type(params, jnp.float32))
+    updates, state = tx.update(grads, tx.init(params), params)
+    reference, reference_state = tx.update(as_type(grads, jnp.float32), tx.init(params32),
+                                           as_type(params, jnp.float32))
     for key in params:
       assert updates[key].dtype == dtype
       np.testing.assert_array_equal(updates[key], reference[key].astype(dtype))
+    chex.assert_trees_all_equal(state, reference_state)  # float32 accumulators
+    # Updates take the dtype of the params, whatever the dtype of the gradients.
+    mixed, _ = tx.update(grads32, tx.init(params), params)
+    assert all(mixed[key].dtype == dtype for key in params)
 
 
 def test_empty_pytrees():
@@ -400,6 +580,21 @@ def test_update_without_params_raises_missing_params():
     tx.update(params, tx.init(params), None, value=1.0)
 
 
+def test_swapped_state_and_params_raise_invalid_tree_naming_the_order():
+  _, tx = _lopt_tx()
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  state = tx.init(params)
+  order = re.escape("tx.update(grads, opt_state, params)")
+  with pytest.raises(optax_learned.InvalidTreeError,
+                     match=r"params is an optimizer state \(LearnedOptimizerState\).*" + order):
+    tx.update(grads, params, state)
+  with pytest.raises(optax_learned.InvalidTreeError, match=order):
+    jax.jit(tx.update)(grads, params, state)
+  with pytest.raises(optax_learned.InvalidTreeError, match=order):  # any Optax state
+    tx.update(grads, state, optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                                   mu=params, nu=params))
+
+
 @pytest.mark.parametrize("bad_leaf", [jnp.asarray([1, 2], jnp.int32), jnp.asarray(True),
                                       jnp.asarray([1 + 2j]), 3])
 def test_non_float_leaf_raises_invalid_tree_naming_its_path(bad_leaf):
@@ -435,40 +630,44 @@ def test_tree_of_another_structure_raises_invalid_tree():
     tx.update(other, tx.init(other), params)
 
 
-def test_shape_mismatch_is_caught_by_chex():
+def test_shape_mismatch_raises_invalid_tree_naming_the_leaf_and_both_shapes():
   _, tx = _lopt_tx()
   params = _tiny_tree(0)
   wrong = {**params, "w": jnp.ones((3, 2))}
-  with pytest.raises(AssertionError, match=r"shapes"):
+  with pytest.raises(optax_learned.InvalidTreeError, match=re.escape(
+      "updates['w'] has shape (3, 2), but params['w'] has shape (2, 3)")):
     tx.update(wrong, tx.init(params), params)
-  with pytest.raises(AssertionError, match=r"shapes"):
+  with pytest.raises(optax_learned.InvalidTreeError, match=re.escape(
+      "optimizer state mu['w'] has shape (3, 2), but params['w'] has shape (2, 3)")):
     tx.update(params, tx.init(wrong), params)
-
-
-def test_updates_are_checked_against_params_dtypes(monkeypatch):
-  """The chex check of update shapes and dtypes is live: a wrong cast would be caught."""
-  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
-  tx = lopt.transform(_random_meta_params(lopt))
-  params = {"w": jnp.ones(3, jnp.bfloat16)}
-  state = tx.init(params)
-  monkeypatch.setattr(learned_optimizer, "_cast_like",
-                      lambda step, p: jnp.reshape(step, jnp.shape(p)))  # forgets the cast
-  with pytest.raises(AssertionError, match=r"bfloat16"):
-    jax.jit(tx.update)(params, state, params)
+  with pytest.raises(optax_learned.InvalidTreeError, match=re.escape(
+      "optimizer state mu['w'] has shape (2, 3), but params['w'] has shape (3, 2)")):
+    tx.update(wrong, tx.init(params), wrong)
+  with pytest.raises(TypeError):  # also a built-in TypeError
+    jax.jit(tx.update)(wrong, tx.init(params), params)
 
 
 def test_meta_params_of_another_shape_are_refused():
   lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
   other = optax_learned.LearnedOptimizer(hidden_sizes=(5,))
-  with pytest.raises(AssertionError, match=r"shapes"):
+  with pytest.raises(optax_learned.InvalidTreeError, match=re.escape(
+      "meta_params['layer_0']['b'] has shape (5,), but the optimizer's "
+      "weights['layer_0']['b'] has shape (4,)")):
     lopt.transform(_random_meta_params(other))
+  incomplete = {k: v for k, v in _random_meta_params(lopt).items() if k != "log_base_step"}
+  with pytest.raises(optax_learned.InvalidTreeError, match=r"different tree structure"):
+    lopt.transform(incomplete)
 
 
 @pytest.mark.parametrize("kwargs, error", [
     ({"hidden_sizes": (0,)}, ValueError), ({"hidden_sizes": (2.5,)}, TypeError),
-    ({"hidden_sizes": "32"}, TypeError), ({"momentum_decays": ()}, ValueError),
-    ({"momentum_decays": (1.0,)}, ValueError), ({"second_moment_decay": "0.9"}, TypeError),
-    ({"time_scales": (0.0,)}, ValueError), ({"step_mult": float("nan")}, TypeError),
+    ({"hidden_sizes": "32"}, TypeError), ({"beta1": 1.0}, ValueError),
+    ({"beta1": True}, TypeError), ({"beta2": -0.1}, ValueError), ({"beta2": "0.9"}, TypeError),
+    ({"time_scales": (0.0,)}, ValueError), ({"time_scales": 10.0}, TypeError),
+    ({"matrix_step": float("nan")}, TypeError), ({"matrix_step": 0.0}, ValueError),
+    ({"vector_step": -1e-3}, ValueError), ({"max_log_correction": 0.0}, ValueError),
+    ({"initial_gradient_mix": 0.0}, ValueError), ({"initial_gradient_mix": 1.0}, ValueError),
+    ({"output_init_scale": float("inf")}, TypeError),
     ({"epsilon": 0.0}, ValueError), ({"activation": "swish"}, ValueError),
     ({"skip_nonfinite": 1}, TypeError),
 ])
@@ -478,17 +677,24 @@ def test_invalid_configuration_is_refused(kwargs, error):
 
 
 def test_config_round_trips_through_dict():
-  lopt = optax_learned.LearnedOptimizer(hidden_sizes=[3, 2], momentum_decays=[0.5], exp_mult=1)
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=[3, 2], time_scales=[5, 50], matrix_step=1,
+                                        beta1=0.5, skip_nonfinite=False)
+  assert lopt.hidden_sizes == (3, 2) and lopt.time_scales == (5.0, 50.0)
+  assert isinstance(lopt.matrix_step, float)
   assert optax_learned.LearnedOptimizer.from_dict(lopt.to_dict()) == lopt
+  assert optax_learned.LearnedOptimizer.from_dict(
+      json.loads(json.dumps(lopt.to_dict()))) == lopt
   with pytest.raises(ValueError, match=r"unknown optimizer config keys \['hiden_sizes'\]"):
     optax_learned.LearnedOptimizer.from_dict({"hiden_sizes": [3]})
+  with pytest.raises(ValueError, match=r"unknown optimizer config keys \['step_mult'\]"):
+    optax_learned.LearnedOptimizer.from_dict({"step_mult": 0.1})  # of the old design
 
 
 # -- numerics --------------------------------------------------------------------------------
 
 _EXTREMES = {
     "zero grads, zero params": (0.0, 0.0),
-    "tiny spike": (1e-37, 0.0),  # normalising it would need a factor beyond float32
+    "tiny spike": (1e-37, 0.0),  # its square underflows float32
     "huge grads": (1e30, 1.0),
     "huge params": (1e-3, 1e30),
     "huge both": (-1e30, 1e30),
@@ -499,11 +705,13 @@ _EXTREMES = {
 
 def _extreme_tree(grad_value, param_value):
   grads = {"mixed": jnp.asarray([grad_value, 0.0, -1.0], jnp.float32),
+           "kernel": jnp.asarray([[grad_value, 0.0], [0.0, grad_value]], jnp.float32),
            "s": jnp.asarray(grad_value, jnp.float32),
-           "sparse": jnp.zeros(4096, jnp.float32).at[7].set(grad_value)}
+           "sparse": jnp.zeros((2, 4100), jnp.float32).at[0, 7].set(grad_value)}
   params = {"mixed": jnp.asarray([param_value, 0.0, 1.0], jnp.float32),
+            "kernel": jnp.asarray([[param_value, 0.0], [1.0, 0.0]], jnp.float32),
             "s": jnp.asarray(param_value, jnp.float32),
-            "sparse": jnp.zeros(4096, jnp.float32).at[3].set(param_value)}
+            "sparse": jnp.zeros((2, 4100), jnp.float32).at[0, 4].set(param_value)}
   return grads, params
 
 
@@ -551,34 +759,95 @@ def test_extreme_inputs_give_finite_updates_state_and_meta_gradients(case):
   assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(meta_grads))
 
 
-def test_exact_zero_feature_columns_have_finite_gradients():
-  """Normalising all-zero columns: forward zeros, and no NaN from rsqrt/division at 0."""
-  normalize = learned_optimizer.normalize_columns
-  x = jnp.zeros((5, 3)).at[:, 0].set(jnp.arange(5.0))
-  y, vjp = jax.vjp(jax.jit(normalize), x)
-  assert _all_finite(y) and bool(jnp.all(y[:, 1:] == 0))
-  assert _all_finite(vjp(jnp.ones_like(y)))
-  assert _all_finite(jax.jit(jax.jacfwd(normalize))(jnp.zeros((2, 2))))
+def test_pathwise_meta_gradients_are_finite_when_a_gradient_starts_at_zero():
+  """Backpropagating through training (the pathwise estimator) stays finite when an
+  element's gradient is exactly zero for its first steps (an input feature absent from the
+  first batches, a dead unit, an unused embedding row), so that its ``nu`` is still 0."""
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
+  loss = lambda p, x: jnp.sum((x @ p["w"] - 1.0) ** 2)
+
+  @jax.jit
+  @jax.grad
+  def meta_grad(meta_params, batches):
+    tx = lopt.transform(meta_params)
+    params = {"w": jnp.asarray([0.3, -0.2])}
+    state = tx.init(params)
+    for x in batches:
+      updates, state = tx.update(jax.grad(loss)(params, x), state, params)
+      params = optax.apply_updates(params, updates)
+    return loss(params, batches[-1])
+
+  batches = jnp.asarray([[[0.0, 1.0]], [[0.0, 1.0]], [[1.0, 1.0]], [[1.0, -1.0]]])
+  meta_grads = meta_grad(_random_meta_params(lopt), batches)
+  assert _all_finite(meta_grads), meta_grads
+  assert any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(meta_grads))
+
+
+@functools.cache
+def _skip_fns(lopt):
+  """The update of ``lopt`` and the vjp of its updates w.r.t. the weights, jitted once."""
+  _, update = _jitted(lopt)
+
+  def meta_vjp(meta_params, grads, state, params, cotangent):
+    fn = lambda mp: update(mp, grads, state, params)[0]
+    return jax.vjp(fn, meta_params)[1](cotangent)[0]
+
+  return update, jax.jit(meta_vjp)
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-def test_nonfinite_gradients_are_skipped(bad):
+def test_nonfinite_gradients_are_skipped_element_by_element(bad):
   lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
   meta_params = _random_meta_params(lopt)
-  init, update = _jitted(lopt)
+  init, _ = _jitted(lopt)
+  update, meta_vjp = _skip_fns(lopt)
   params, grads = _tiny_tree(0), _tiny_tree(1)
   _, state = update(meta_params, grads, init(meta_params, params), params)  # not all zeros
   bad_grads = {**grads, "w": grads["w"].at[1, 2].set(bad)}
   updates, new_state = update(meta_params, bad_grads, state, params)
-  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  chex.assert_trees_all_equal(new_state, state)  # the count too
-  assert int(new_state.count) == 1
+  assert int(new_state.count) == 2  # the count advances
 
-  # The skipped step contributes zeros, not NaN, to meta-gradients.
-  meta_loss = lambda mp: sum(jnp.sum(u) for u in jax.tree.leaves(
-      update(mp, bad_grads, state, params)[0]))
-  meta_grads = jax.jit(jax.grad(meta_loss))(meta_params)
-  chex.assert_trees_all_equal(meta_grads, jax.tree.map(jnp.zeros_like, meta_grads))
+  # The element gets a zero update and keeps its accumulators...
+  assert float(updates["w"][1, 2]) == 0.0
+  assert float(new_state.mu["w"][1, 2]) == float(state.mu["w"][1, 2])
+  assert float(new_state.nu["w"][1, 2]) == float(state.nu["w"][1, 2])
+  # ...and every other element is updated as if the gradient there had been zero (the
+  # features read non-finite gradients as zeros), in agreement with the reference.
+  zeroed, zeroed_state = update(meta_params, {**grads, "w": grads["w"].at[1, 2].set(0.0)},
+                                state, params)
+  keep = lambda tree, old: {**tree, "w": tree["w"].at[1, 2].set(old["w"][1, 2])}
+  chex.assert_trees_all_equal(updates, keep(zeroed, jax.tree.map(jnp.zeros_like, params)))
+  chex.assert_trees_all_equal(new_state.mu, keep(zeroed_state.mu, state.mu))
+  chex.assert_trees_all_equal(new_state.nu, keep(zeroed_state.nu, state.nu))
+  assert int(jnp.sum(updates["w"] != 0)) == 5 and _all_finite((updates, new_state))
+  expected, ref_state = reference_step(lopt, meta_params, bad_grads, params,
+                                       _state_as_np(state))
+  _assert_close(updates, expected)
+  _assert_close(new_state.mu, ref_state[1], rtol=1e-6)
+  _assert_close(new_state.nu, ref_state[2], rtol=1e-6)
+
+  # The skipped element contributes zeros, not NaN, to meta-gradients; the others count.
+  only_skipped = jax.tree.map(jnp.zeros_like, updates)
+  only_skipped["w"] = only_skipped["w"].at[1, 2].set(1.0)
+  skipped_grads = meta_vjp(meta_params, bad_grads, state, params, only_skipped)
+  chex.assert_trees_all_equal(skipped_grads, jax.tree.map(jnp.zeros_like, skipped_grads))
+  all_grads = meta_vjp(meta_params, bad_grads, state, params,
+                       jax.tree.map(jnp.ones_like, updates))
+  assert _all_finite(all_grads) and any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(all_grads))
+
+
+def test_a_step_of_only_nonfinite_gradients_changes_nothing_but_the_count():
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  meta_params = _random_meta_params(lopt)
+  init, _ = _jitted(lopt)
+  update, _ = _skip_fns(lopt)
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  _, state = update(meta_params, grads, init(meta_params, params), params)
+  nan_grads = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), grads)
+  updates, new_state = update(meta_params, nan_grads, state, params)
+  chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  chex.assert_trees_all_equal((new_state.mu, new_state.nu), (state.mu, state.nu))
+  assert int(new_state.count) == int(state.count) + 1
 
 
 def test_nonfinite_gradients_propagate_when_not_skipped():
@@ -590,12 +859,17 @@ def test_nonfinite_gradients_propagate_when_not_skipped():
   bad_grads = {**grads, "w": grads["w"].at[0, 0].set(jnp.nan)}
   updates, state = update(meta_params, bad_grads, init(meta_params, params), params)
   assert int(state.count) == 1
-  assert not bool(jnp.all(jnp.isfinite(updates["w"])))
-  assert _all_finite(updates["b"])  # other leaves are unaffected
+  assert bool(jnp.isnan(updates["w"][0, 0])) and bool(jnp.isnan(state.mu["w"][0, 0]))
+  assert bool(jnp.isnan(state.nu["w"][0, 0]))
+  # The element's own arithmetic carries the NaN; the tensor's step size stays finite.
+  assert _all_finite(updates["w"].at[0, 0].set(0.0)) and _all_finite(updates["b"])
   # Infinities are clipped to 1e18 like any huge gradient.
   inf_grads = {**grads, "w": grads["w"].at[0, 0].set(jnp.inf)}
   updates, state = update(meta_params, inf_grads, init(meta_params, params), params)
   assert _all_finite(updates) and _all_finite(state)
+  expected, _ = reference_step(lopt, meta_params, inf_grads, params,
+                               _state_as_np(init(meta_params, params)))
+  _assert_close(updates, expected)
 
 
 # -- hygiene ---------------------------------------------------------------------------------

@@ -22,12 +22,17 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from optax_learned._src import errors
 from optax_learned._src.learned_optimizer import LearnedOptimizer, MetaParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The checkpoint layout this version writes. Version 2 (optax_learned 0.2) holds the
+hierarchical optimizer (per-tensor network, Adam-shaped state); version 1 (0.1) held the
+per-element MLP, which this version no longer implements, so version 1 checkpoints fail to
+load with a message naming both versions."""
 CONFIG_FILE = "optimizer.json"
 WEIGHTS_DIR = "weights"
 _CONFIG_KEYS = {"format_version", "package_version", "optimizer", "metadata"}
@@ -144,6 +149,7 @@ def save(path: PathLike, lopt: LearnedOptimizer, meta_params: MetaParams, *,
   # The config is written last and atomically: a directory without it is not a checkpoint.
   with tempfile.NamedTemporaryFile("w", dir=path, delete=False, suffix=".tmp") as f:
     f.write(config_text)
+  os.chmod(f.name, 0o644)  # NamedTemporaryFile creates files readable by the owner only
   os.replace(f.name, path / CONFIG_FILE)
   return path
 
@@ -170,6 +176,12 @@ def _read_config(config_file: pathlib.Path) -> dict[str, Any]:
     raise errors.CheckpointVersionError(
         f"{config_file}: format version {version} is newer than this optax_learned "
         f"({_package_version()}) reads (up to {FORMAT_VERSION}); upgrade optax_learned")
+  if version < FORMAT_VERSION:
+    raise errors.CheckpointVersionError(
+        f"{config_file}: format version {version} holds the per-element MLP optimizer of "
+        f"optax_learned 0.1; this optax_learned ({_package_version()}) reads format version "
+        f"{FORMAT_VERSION} (the hierarchical optimizer). Load it with optax-learned==0.1.0, "
+        "or meta-train it again with this version")
   if not isinstance(config.get("metadata") or {}, dict):
     raise errors.CheckpointConfigError(f"{config_file}: metadata must be a JSON object")
   return config
@@ -268,7 +280,7 @@ def load_weights(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams]:
     UnknownOptimizerError: an unknown bundled name, or one that is not a plain name.
     CheckpointNotFoundError: a missing directory, or one that is not a checkpoint.
     CheckpointConfigError: a malformed, incomplete or unknown-keyed config.
-    CheckpointVersionError: a checkpoint of a newer format version.
+    CheckpointVersionError: a checkpoint of another format version.
     CheckpointArraysError: arrays missing, unreadable, or not matching the config.
   """
   lopt, meta_params, _ = _read(name_or_path)
@@ -286,21 +298,29 @@ def load_metadata(name_or_path: PathLike) -> dict[str, Any]:
   return _read_config(path / CONFIG_FILE).get("metadata") or {}
 
 
-def load(name_or_path: PathLike):
+def load(name_or_path: PathLike, learning_rate: optax.ScalarOrSchedule = 1.0):
   """Loads a learned optimizer as an Optax transformation.
 
   Example::
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax_learned.load("cifar"))
+    tx = optax_learned.load("cifar")
+    tx = optax_learned.load("cifar", learning_rate=0.3)  # smaller learned steps
 
   Args:
     name_or_path: a bundled name (see :func:`available`) or a checkpoint directory.
+    learning_rate: a multiplier of every learned step (a scalar or an Optax schedule of the
+      step count); 1.0, the default, is the meta-trained rule. See
+      :meth:`LearnedOptimizer.transform`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
 
   Raises:
-    The errors of :func:`load_weights`.
+    UnknownOptimizerError: an unknown bundled name, or one that is not a plain name.
+    CheckpointNotFoundError: a missing directory, or one that is not a checkpoint.
+    CheckpointConfigError: a malformed, incomplete or unknown-keyed config.
+    CheckpointVersionError: a checkpoint of another format version.
+    CheckpointArraysError: arrays missing, unreadable, or not matching the config.
   """
   lopt, meta_params = load_weights(name_or_path)
-  return lopt.transform(meta_params)
+  return lopt.transform(meta_params, learning_rate=learning_rate)

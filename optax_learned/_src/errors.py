@@ -4,7 +4,9 @@ Errors about checkpoints and about the pytrees given to the transformation deriv
 :class:`LearnedOptimizerError`, so callers can catch that family at once, and also from the
 matching built-in exception (``ValueError``, ``FileNotFoundError``, ``TypeError``) so existing
 handlers work. Invalid :class:`~optax_learned.LearnedOptimizer` settings raise plain
-``ValueError`` or ``TypeError``, and shape mismatches found by chex raise ``AssertionError``.
+``ValueError`` or ``TypeError``. Trees whose leaves do not match (in structure, shape or
+dtype, or an optimizer state passed as ``params``) raise :class:`InvalidTreeError` naming
+the leaf path.
 """
 
 
@@ -37,7 +39,8 @@ class CheckpointConfigError(CheckpointError, ValueError):
 
 
 class CheckpointVersionError(CheckpointError, ValueError):
-  """A checkpoint written by a newer, incompatible format version."""
+  """A checkpoint of another format version than this optax_learned reads (a newer one, or
+  a version-1 checkpoint of the per-element MLP of optax_learned 0.1)."""
 
 
 class CheckpointArraysError(CheckpointError, ValueError):

@@ -1,20 +1,38 @@
-"""The per-parameter MLP learned optimizer of Metz et al. (2019) as an Optax transformation.
+"""A hierarchical learned optimizer as an Optax transformation.
 
-Every parameter element is updated by the same small MLP. Its inputs are per-element
-features (gradient, parameter, momenta, second moment and normalised momenta), each
-column normalised by its root mean square over the tensor, plus training-time features
-``tanh(t / s - 1)`` that are the same for every element. The MLP outputs a direction ``d``
-and a log-magnitude ``m`` and the update is ``-beta1 * d * exp(beta2 * m)``.
+The optimizer keeps Adam's two accumulators per parameter (a momentum ``mu`` and a second
+moment ``nu``, each a params-shaped tree) and learns everything Adam leaves to the user: how
+large a step each tensor takes, how that changes over training, and how much of the raw
+gradient to mix into the momentum. A small per-tensor MLP, called once per tensor and step,
+reads scale-free features of the tensor (its shape, its parameter scale relative to the
+usual fan-in initialisation, the signal-to-noise ratio of its gradients) and of training time,
+and outputs the tensor's step size and mixing weight. The per-element rule is Adam's
+direction with those per-tensor coefficients::
 
-Training-time features do not vary across elements, so their contribution to the first
-layer is folded into its bias once per step instead of being multiplied per element.
-Likewise the per-leaf normalisation of each feature is folded into the first layer's
-weights. The features of a leaf are laid out as ``[num_features, num_elements]`` rows
-(elements on the minor axis), which suits the reductions and matrix products on CPU.
+  u = -learning_rate * s_T * ((1 - q_T) * mu_hat + q_T * g) / (sqrt(nu_hat) + eps)
+
+so its cost per element is close to Adam's, whatever the size of the model.
+
+Scale robustness is built in, not only learned. The step size is a learned base rate times
+``1 / fan_in`` for matrices and kernels (the scaling that μP prescribes for Adam, and that
+μLO carries over to learned optimizers) and a learned constant for vectors (biases,
+normalisation scales). The network's per-tensor correction of that base is bounded (at most
+``max_log_correction`` in log space), so a model far from the meta-training family gets at
+worst a bounded deviation from a width-scaled Adam, not an arbitrary step.
+
+This is the hierarchical design of later learned optimizers (per-tensor networks setting
+the scale of cheap per-parameter rules) applied to the per-parameter learned optimizer of
+Metz et al. (2019), whose meta-training machinery ``metatrain`` implements.
 
 References:
   Metz, Maheswaranathan, Nixon, Freeman, Sohl-Dickstein. "Understanding and correcting
   pathologies in the training of learned optimizers". ICML 2019. arXiv:1810.10180.
+  Yang et al. "Tensor Programs V: Tuning large neural networks via zero-shot hyperparameter
+  transfer" (μP). arXiv:2203.03466.
+  Therien et al. "μLO: Compute-efficient meta-generalization of learned optimizers". 2024.
+  arXiv:2406.00153.
+  Moudgil et al. "Learning versatile optimizers on a compute diet" (Celo). 2025.
+  arXiv:2501.12670.
 """
 
 import dataclasses
@@ -33,43 +51,35 @@ MetaParams = dict[str, Any]
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh}
 # Gradients are clipped to this magnitude before entering the accumulators so that their
-# squares stay finite in float32 (3.4e38); the update itself never depends on the clip
-# for ordinary gradients.
+# squares stay finite in float32 (3.4e38); the update never depends on the clip for
+# ordinary gradients.
 _MAX_GRADIENT_MAGNITUDE = 1e18
-# Feature rows are normalised by their RMS; rows whose largest magnitude is below this
-# are treated as if it were this, so normalisation factors stay below ~1e26 (they are
-# folded into the first layer's weights, which must stay finite). Such rows (RMS below
-# ~1e-26: e.g. momenta decaying after gradients became exactly zero) shrink towards zero
-# instead of being blown up to unit RMS.
-_MIN_NORMALIZATION_SCALE = 1e-20
+# Floor of the ratios inside the logarithms of the per-tensor features.
+_TINY = 1e-30
+# Features the per-tensor network reads besides the training-time features.
+TENSOR_FEATURES = ("log_fan_in", "log_fan_out", "is_vector", "log_relative_scale", "log_snr")
+# Elements of a tensor its statistical features are measured on (evenly spaced).
+FEATURE_SAMPLE_SIZE = 4096
+# Network outputs, in order.
+OUTPUTS = ("log_step_correction", "gradient_mix")
 
 
 class LearnedOptimizerState(NamedTuple):
-  """State of the learned optimizer transformation.
+  """State of the learned optimizer transformation (the layout of ``optax.adam``'s).
 
   Attributes:
     count: number of updates applied so far (int32 scalar); drives the time features.
-    momentum: per leaf, float32 array of shape ``(len(momentum_decays),) + leaf.shape``.
-    second_moment: per leaf, float32 array of the leaf's shape.
+    mu: momentum, a tree of float32 arrays shaped like the parameters.
+    nu: second moment, a tree of float32 arrays shaped like the parameters.
   """
   count: jax.Array
-  momentum: optax.Updates
-  second_moment: optax.Updates
-
-
-def _as_tuple(value: Any, name: str, kind: type) -> tuple:
-  if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-    raise TypeError(f"{name} must be a sequence of {kind.__name__}, got {value!r}")
-  items = tuple(value)
-  for item in items:
-    if isinstance(item, bool) or not isinstance(item, (int, float) if kind is float else kind):
-      raise TypeError(f"{name} must be a sequence of {kind.__name__}, got {value!r}")
-  return tuple(kind(item) for item in items)
+  mu: optax.Updates
+  nu: optax.Updates
 
 
 @dataclasses.dataclass(frozen=True)
 class LearnedOptimizer:
-  """Configuration and construction of the per-parameter MLP learned optimizer.
+  """Configuration and construction of the hierarchical learned optimizer.
 
   The configuration is frozen and round-trips through JSON with :meth:`to_dict` and
   :meth:`from_dict`. The weights (meta-parameters) are a separate pytree made by
@@ -79,37 +89,46 @@ class LearnedOptimizer:
     >>> import jax, optax, optax_learned
     >>> lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,))
     >>> meta_params = lopt.init(jax.random.key(0))
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), lopt.transform(meta_params))
+    >>> tx = optax.chain(optax.add_decayed_weights(1e-4), lopt.transform(meta_params))
 
   Attributes:
-    hidden_sizes: widths of the MLP's hidden layers. The default ``(16,)`` (``(32, 32)``
-      before 0.1.0) keeps the update cheap on CPU; see ``benchmarks/bench_update.py``.
-    momentum_decays: decays of the momentum accumulators (one feature each).
-    second_moment_decay: decay of the squared-gradient accumulator.
+    hidden_sizes: widths of the per-tensor MLP's hidden layers.
+    beta1: decay of the momentum ``mu``.
+    beta2: decay of the second moment ``nu``.
     time_scales: scales ``s`` of the training-time features ``tanh(t / s - 1)``.
-    step_mult: ``beta1`` in ``beta1 * d * exp(beta2 * m)``.
-    exp_mult: ``beta2`` in ``beta1 * d * exp(beta2 * m)``.
-    output_init_scale: scale of the output layer at initialisation; small values make the
-      untrained optimizer nearly a no-op, which keeps early meta-training stable.
-    epsilon: added to the second moment before its reciprocal square root.
+    matrix_step: the initial base step of tensors with two or more dimensions, times
+      ``1 / fan_in`` (``fan_in`` is the product of all but the last dimension, as Flax's
+      default initialisers count it). Learned in meta-training.
+    vector_step: the initial base step of scalars and vectors (biases, norm scales).
+      Learned in meta-training.
+    max_log_correction: bound on the network's per-tensor correction of the log step.
+    initial_gradient_mix: the mixing weight ``q`` of the raw gradient at initialisation.
+    output_init_scale: scale of the network's output layer at initialisation; small values
+      make the untrained optimizer a width-scaled Adam.
+    epsilon: added to ``sqrt(nu_hat)`` in the denominator.
     activation: hidden activation, one of ``"relu"``, ``"gelu"``, ``"tanh"``.
-    skip_nonfinite: if true, a step whose gradients contain NaN or Inf leaves the
-      parameters (zero update) and the optimizer state (count included) unchanged, and
-      contributes zeros (not NaN) to derivatives with respect to the meta-parameters. If
-      false, nothing is skipped: NaN propagates into the updates and the state, and
+    skip_nonfinite: if true, an element whose gradient is NaN or Inf gets a zero update
+      and keeps its accumulators (a step whose gradients are all NaN leaves the parameters
+      and the accumulators unchanged; the count still advances), and contributes zeros
+      (not NaN) to derivatives with respect to the meta-parameters. Element by element,
+      this costs nothing over the update itself; a whole-step check is a full extra pass
+      over the gradients. If false, NaN propagates into the updates and the state, and
       infinities are clipped to 1e18 like any huge gradient.
 
   References:
     Metz et al. 2019, "Understanding and correcting pathologies in the training of
     learned optimizers", ICML. arXiv:1810.10180.
+    Therien et al. 2024, "μLO: Compute-efficient meta-generalization of learned
+    optimizers". arXiv:2406.00153.
   """
-  hidden_sizes: tuple[int, ...] = (16,)
-  momentum_decays: tuple[float, ...] = (0.5, 0.9, 0.99, 0.999, 0.9999)
-  second_moment_decay: float = 0.999
-  time_scales: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0,
-                                    10000.0, 30000.0, 100000.0)
-  step_mult: float = 1e-3
-  exp_mult: float = 1e-3
+  hidden_sizes: tuple[int, ...] = (32,)
+  beta1: float = 0.9
+  beta2: float = 0.999
+  time_scales: tuple[float, ...] = (10.0, 100.0, 1000.0, 10000.0)
+  matrix_step: float = 0.5
+  vector_step: float = 3e-3
+  max_log_correction: float = 3.0
+  initial_gradient_mix: float = 0.05
   output_init_scale: float = 0.01
   epsilon: float = 1e-8
   activation: str = "relu"
@@ -118,25 +137,26 @@ class LearnedOptimizer:
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     set_("hidden_sizes", _as_tuple(self.hidden_sizes, "hidden_sizes", int))
-    set_("momentum_decays", _as_tuple(self.momentum_decays, "momentum_decays", float))
     set_("time_scales", _as_tuple(self.time_scales, "time_scales", float))
-    for name in ("step_mult", "exp_mult", "output_init_scale", "epsilon", "second_moment_decay"):
+    for name in ("beta1", "beta2", "matrix_step", "vector_step", "max_log_correction",
+                 "initial_gradient_mix", "output_init_scale", "epsilon"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
       set_(name, float(value))
     if any(size < 1 for size in self.hidden_sizes):
       raise ValueError(f"hidden_sizes must be positive, got {self.hidden_sizes}")
-    if not self.momentum_decays:
-      raise ValueError("momentum_decays must name at least one decay")
-    if not all(0.0 <= decay < 1.0 for decay in self.momentum_decays):
-      raise ValueError(f"momentum_decays must lie in [0, 1), got {self.momentum_decays}")
-    if not 0.0 <= self.second_moment_decay < 1.0:
-      raise ValueError(f"second_moment_decay must lie in [0, 1), got {self.second_moment_decay}")
-    if any(not math.isfinite(scale) or scale <= 0 for scale in self.time_scales):
+    for name in ("beta1", "beta2"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+    if any(scale <= 0 for scale in self.time_scales):
       raise ValueError(f"time_scales must be positive and finite, got {self.time_scales}")
-    if self.epsilon <= 0:
-      raise ValueError(f"epsilon must be positive, got {self.epsilon}")
+    for name in ("matrix_step", "vector_step", "max_log_correction", "epsilon"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if not 0.0 < self.initial_gradient_mix < 1.0:
+      raise ValueError(
+          f"initial_gradient_mix must lie in (0, 1), got {self.initial_gradient_mix}")
     if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
       raise ValueError(
           f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
@@ -147,8 +167,8 @@ class LearnedOptimizer:
 
   @property
   def num_features(self) -> int:
-    """Number of per-element input features of the MLP."""
-    return 2 * len(self.momentum_decays) + 4
+    """Number of inputs of the per-tensor MLP (tensor features and time features)."""
+    return len(TENSOR_FEATURES) + len(self.time_scales)
 
   def to_dict(self) -> dict[str, Any]:
     """The configuration as a JSON-serialisable dict (lists for tuples)."""
@@ -175,14 +195,14 @@ class LearnedOptimizer:
   # -- weights --------------------------------------------------------------------------
 
   def init(self, key: chex.PRNGKey) -> MetaParams:
-    """Samples initial MLP weights (the meta-parameters).
+    """Samples initial weights (the meta-parameters).
 
     Args:
       key: a JAX PRNG key.
 
     Returns:
-      A dict of float32 arrays: ``layer_{i}`` with ``w`` and ``b`` for each dense layer and
-      ``time_w`` mapping the time features into the first hidden layer.
+      A dict of float32 arrays: ``layer_{i}`` with ``w`` and ``b`` for each dense layer of
+      the per-tensor MLP, and ``log_base_step`` (``[matrix, vector]`` log base steps).
     """
     return _sample_meta_params(self, key)
 
@@ -192,208 +212,216 @@ class LearnedOptimizer:
 
   # -- the transformation ---------------------------------------------------------------
 
-  def transform(self, meta_params: MetaParams) -> optax.GradientTransformationExtraArgs:
+  def transform(self, meta_params: MetaParams,
+                learning_rate: optax.ScalarOrSchedule = 1.0
+                ) -> optax.GradientTransformationExtraArgs:
     """Binds weights into an Optax transformation.
 
     Args:
       meta_params: weights from :meth:`init`, :func:`optax_learned.load_weights` or
         meta-training. May be traced (meta-training differentiates through them).
+      learning_rate: a multiplier of every learned step (a scalar, or a schedule of the
+        step count as in Optax). The default 1.0 is the meta-trained rule; smaller values
+        take smaller steps. It works under ``optax.inject_hyperparams``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and
       ignores other extra arguments (such as ``value=``).
+
+    Raises:
+      InvalidTreeError: ``meta_params`` not shaped as :meth:`init` returns them.
     """
-    chex.assert_trees_all_equal_shapes(meta_params, self.meta_params_shapes())
+    tree_checks.assert_matching_shapes(meta_params, self.meta_params_shapes(),
+                                       "meta_params", "the optimizer's weights")
     return optax.GradientTransformationExtraArgs(
-        init=self._init_state, update=lambda u, s, p=None, **kw: self._update(meta_params, u, s, p))
+        init=self._init_state,
+        update=lambda u, s, p=None, **kw: self._update(meta_params, learning_rate, u, s, p))
 
   def _init_state(self, params: optax.Params) -> LearnedOptimizerState:
     tree_checks.assert_float_leaves(params, "params")
-    num_momenta = len(self.momentum_decays)
-    return LearnedOptimizerState(
-        count=jnp.zeros([], jnp.int32),
-        momentum=jax.tree.map(lambda p: jnp.zeros((num_momenta,) + jnp.shape(p), jnp.float32),
-                              params),
-        second_moment=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
+    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
+    return LearnedOptimizerState(count=jnp.zeros([], jnp.int32),
+                                 mu=jax.tree.map(zeros, params),
+                                 nu=jax.tree.map(zeros, params))
 
-  def _update(self, meta_params: MetaParams, updates: optax.Updates,
-              state: LearnedOptimizerState, params: optax.Params | None):
+  def _update(self, meta_params: MetaParams, learning_rate: optax.ScalarOrSchedule,
+              updates: optax.Updates, state: LearnedOptimizerState,
+              params: optax.Params | None):
     if params is None:
       raise errors.MissingParamsError(
           "the learned optimizer needs the current parameters: call "
           "tx.update(grads, opt_state, params)")
+    tree_checks.assert_not_optimizer_state(params, "params")
     tree_checks.assert_float_leaves(updates, "updates")
     tree_checks.assert_float_leaves(params, "params")
-    tree_checks.assert_same_structure(updates, state.second_moment, "updates", "optimizer state")
-    tree_checks.assert_same_structure(params, state.second_moment, "params", "optimizer state")
-    tree_checks.assert_same_structure(state.momentum, state.second_moment,
-                                      "optimizer state momentum", "optimizer state second_moment")
-    # Shapes of updates, params and state agree leaf by leaf (python scalars included).
-    num_momenta = len(self.momentum_decays)
-    chex.assert_trees_all_equal_shapes(
-        jax.tree.map(_shape_dtype, updates), jax.tree.map(_shape_dtype, params),
-        state.second_moment)
-    chex.assert_trees_all_equal_shapes(state.momentum, jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct((num_momenta,) + jnp.shape(v), jnp.float32),
-        state.second_moment))
+    tree_checks.assert_same_structure(updates, state.nu, "updates", "optimizer state")
+    tree_checks.assert_same_structure(params, state.nu, "params", "optimizer state")
+    tree_checks.assert_same_structure(state.mu, state.nu, "optimizer state mu",
+                                      "optimizer state nu")
+    tree_checks.assert_matching_shapes(updates, params, "updates", "params")
+    tree_checks.assert_matching_shapes(state.mu, params, "optimizer state mu", "params")
+    tree_checks.assert_matching_shapes(state.nu, params, "optimizer state nu", "params")
 
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
-    finite = None
-    if self.skip_nonfinite and grads:
-      # One reduction over all leaves (XLA fuses the concatenation into it).
-      finite = jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(g) for g in grads])))
-      # A skipped step still runs; with its gradients zeroed its arithmetic stays finite, so
-      # it contributes zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
-      grads = [jnp.where(finite, g, jnp.zeros_like(g)) for g in grads]
-    accumulators = [self._accumulate(g, m, v) for g, m, v in zip(
-        grads, treedef.flatten_up_to(state.momentum),
-        treedef.flatten_up_to(state.second_moment), strict=True)]
-    first_bias = (meta_params["layer_0"]["b"]
-                  + self.time_features(state.count) @ meta_params["time_w"])
-    steps = [self._leaf_step(meta_params, first_bias, self._feature_rows(g, p, m, v))
-             for (g, m, v), p in zip(accumulators, param_leaves, strict=True)]
-    new_updates = treedef.unflatten(
-        [_cast_like(step, p) for step, p in zip(steps, param_leaves, strict=True)])
-    new_state = LearnedOptimizerState(
-        count=state.count + 1,
-        momentum=treedef.unflatten([m for _, m, _ in accumulators]),
-        second_moment=treedef.unflatten([v for _, _, v in accumulators]))
-    if finite is not None:
-      new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    # Updates match the parameters leaf by leaf in shape and in (canonical) dtype.
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        new_updates, jax.tree.map(_shape_dtype, params))
-    return new_updates, new_state
+    mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    mu_correction = 1.0 / (1.0 - self.beta1 ** t)
+    nu_correction = 1.0 / (1.0 - self.beta2 ** t)
+    new_updates, new_mus, new_nus = [], [], []
+    if grads:
+      features = jnp.stack([
+          self._tensor_features(p, g, m, v, mu_correction, nu_correction)
+          for g, m, v, p in zip(grads, mus, nus, param_leaves, strict=True)])
+      step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
+                                                   [jnp.shape(p) for p in param_leaves])
+      multiplier = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      step_sizes = step_sizes * jnp.asarray(multiplier, jnp.float32)
+    for i, (g, m, v, p) in enumerate(zip(grads, mus, nus, param_leaves, strict=True)):
+      g = jnp.asarray(g).astype(jnp.float32)
+      ok = jnp.isfinite(g) if self.skip_nonfinite else None
+      if ok is not None:
+        # Zeroed first, so a skipped element's arithmetic stays finite and contributes
+        # zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
+        g = jnp.where(ok, g, 0.0)
+      g, new_m, new_v = self._accumulate(g, m, v)
+      step = self._element_step(g, new_m * mu_correction, new_v * nu_correction,
+                                step_sizes[i], mixes[i])
+      if ok is not None:
+        step, new_m, new_v = (jnp.where(ok, step, 0.0), jnp.where(ok, new_m, m),
+                              jnp.where(ok, new_v, v))
+      new_updates.append(_cast_like(step, p))
+      new_mus.append(new_m)
+      new_nus.append(new_v)
+    new_state = LearnedOptimizerState(count=count, mu=treedef.unflatten(new_mus),
+                                      nu=treedef.unflatten(new_nus))
+    return treedef.unflatten(new_updates), new_state
 
   def time_features(self, count: jax.Array) -> jax.Array:
     """Training-time features ``tanh(t / s - 1)`` for each time scale ``s``."""
     scales = jnp.asarray(self.time_scales, jnp.float32)
     return jnp.tanh(jnp.asarray(count, jnp.float32) / scales - 1.0)
 
-  def leaf_features(self, g: jax.Array, p: jax.Array, m: jax.Array,
-                    v: jax.Array) -> jax.Array:
-    """Per-element features of one leaf, as a ``[num_elements, num_features]`` matrix.
+  def tensor_coefficients(self, meta_params: MetaParams, features: jax.Array,
+                          count: jax.Array, shapes: list[tuple[int, ...]]
+                          ) -> tuple[jax.Array, jax.Array]:
+    """Per-tensor step sizes and gradient mixes from the per-tensor MLP.
 
-    Columns: gradient, parameter, each momentum, ``rsqrt(v + eps)``, the gradient and each
-    momentum multiplied by ``rsqrt(v + eps)``; each column normalised by its RMS over the leaf.
-    ``m`` and ``v`` are the accumulators already updated with ``g``.
+    Args:
+      meta_params: the optimizer's weights.
+      features: ``[num_tensors, len(TENSOR_FEATURES)]`` features of each tensor.
+      count: the step count before this update.
+      shapes: the shape of each tensor (static).
+
+    Returns:
+      ``(step_sizes, mixes)``, each ``[num_tensors]``: the step ``s_T`` before the
+      learning-rate multiplier, and the weight ``q_T`` of the raw gradient.
     """
-    return _normalize(self._feature_rows(g, p, m, v), axis=1).T
+    chex.assert_shape(features, (len(shapes), len(TENSOR_FEATURES)))
+    activation = _ACTIVATIONS[self.activation]
+    num_layers = len(self.hidden_sizes) + 1
+    times = jnp.broadcast_to(self.time_features(count), (len(shapes), len(self.time_scales)))
+    h = jnp.concatenate([features, times], axis=1)
+    for i in range(num_layers):
+      layer = meta_params[f"layer_{i}"]
+      h = h @ layer["w"] + layer["b"]
+      if i < num_layers - 1:
+        h = activation(h)
+    bound = self.max_log_correction
+    correction = bound * jnp.tanh(h[:, 0] / bound)
+    is_matrix = jnp.asarray([len(shape) >= 2 for shape in shapes])
+    log_fan_in = jnp.asarray([math.log(_fan_in(shape)) for shape in shapes], jnp.float32)
+    log_base = jnp.where(is_matrix, meta_params["log_base_step"][0] - log_fan_in,
+                         meta_params["log_base_step"][1])
+    mix_logit = math.log(self.initial_gradient_mix / (1.0 - self.initial_gradient_mix))
+    return jnp.exp(log_base + correction), jax.nn.sigmoid(h[:, 1] + mix_logit)
 
   def _accumulate(self, g: jax.Array, m: jax.Array,
                   v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The clipped float32 gradient, and the accumulators updated with it."""
     g = jnp.clip(jnp.asarray(g).astype(jnp.float32), -_MAX_GRADIENT_MAGNITUDE,
                  _MAX_GRADIENT_MAGNITUDE)
-    decays = jnp.asarray(self.momentum_decays, jnp.float32).reshape((-1,) + (1,) * g.ndim)
-    m = decays * m + (1.0 - decays) * g[None]
-    v = self.second_moment_decay * v + (1.0 - self.second_moment_decay) * jnp.square(g)
+    m = self.beta1 * m + (1.0 - self.beta1) * g
+    v = self.beta2 * v + (1.0 - self.beta2) * jnp.square(g)
     return g, m, v
 
-  def _feature_rows(self, g: jax.Array, p: jax.Array, m: jax.Array,
-                    v: jax.Array) -> jax.Array:
-    """The unnormalised features of one leaf, as a ``[num_features, num_elements]`` matrix.
+  def _tensor_features(self, p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
+                       mu_correction: jax.Array, nu_correction: jax.Array) -> jax.Array:
+    """The scale-free features of one tensor (see :data:`TENSOR_FEATURES`).
 
-    Elements run along the minor axis, so that the per-feature reductions of the
-    normalisation and the MLP's matrix products work on contiguous rows.
+    ``log_relative_scale`` is the parameter RMS against ``1 / sqrt(fan_in)`` (the scale of
+    the usual initialisation); ``log_snr`` is ``log(mean(mu_hat**2) / mean(nu_hat))``, near
+    0 when gradients agree from step to step and strongly negative when noise dominates.
+    Both are measured on at most :data:`FEATURE_SAMPLE_SIZE` evenly spaced elements, so
+    their cost does not grow with the tensor (a full pass over ``mu`` and ``nu`` alone cost
+    about 20% of a training step of a wide MLP).
     """
-    size = math.prod(jnp.shape(g))
-    num_momenta = len(self.momentum_decays)
-    g = jnp.reshape(g, (size,))
-    p = jnp.reshape(jnp.asarray(p).astype(jnp.float32), (size,))
-    m = jnp.reshape(m, (num_momenta, size))
-    rsqrt_v = jax.lax.rsqrt(jnp.reshape(v, (size,)) + self.epsilon)
-    blocks = [jnp.stack([g, p]), m, jnp.stack([rsqrt_v, g * rsqrt_v]), m * rsqrt_v]
-    # The blocks are written in place one at a time: XLA on CPU compiles a concatenation of
-    # many operands into a much slower loop.
-    features = jnp.zeros((self.num_features, size), jnp.float32)
-    row = 0
-    for block in blocks:
-      features = jax.lax.dynamic_update_slice(features, block, (row, 0))
-      row += block.shape[0]
-    return features
+    shape = jnp.shape(p)
+    fan_in = _fan_in(shape)
+    fan_out = shape[-1] if len(shape) >= 2 else 1
+    static = jnp.asarray([math.log(fan_in) / 4.0, math.log(fan_out) / 4.0,
+                          float(len(shape) < 2)], jnp.float32)
+    if not math.prod(shape):
+      return jnp.concatenate([static, jnp.zeros([2], jnp.float32)])
+    p, g, m, v = (_evenly_spaced(x) for x in (jnp.asarray(p).astype(jnp.float32), g, m, v))
+    g = jnp.where(jnp.isfinite(g), g, 0.0)  # features stay finite on a skipped step
+    g, m, v = self._accumulate(g, m, v)
+    relative_scale = jnp.log(jnp.mean(jnp.square(p)) * fan_in + _TINY) / 2.0
+    # A difference of logs: the log of a quotient underflows in its derivative when both
+    # means are ~0 (a tensor whose gradients are all zero so far).
+    snr = (jnp.log(jnp.mean(jnp.square(m * mu_correction)) + _TINY)
+           - jnp.log(jnp.mean(v * nu_correction) + _TINY))
+    return jnp.concatenate([static, jnp.stack([jnp.clip(relative_scale, -10.0, 10.0) / 2.0,
+                                               jnp.clip(snr, -20.0, 0.0) / 4.0])])
 
-  def _leaf_step(self, meta_params: MetaParams, first_bias: jax.Array,
-                 features: jax.Array) -> jax.Array:
-    """The MLP's flat step for one leaf from its unnormalised ``[num_features, n]`` features.
+  def _element_step(self, g: jax.Array, m_hat: jax.Array, v_hat: jax.Array,
+                    step_size: jax.Array, mix: jax.Array) -> jax.Array:
+    """The per-element rule: Adam's direction with the tensor's step size and mix."""
+    # sqrt(v + tiny): the derivative of sqrt at an exact 0 (an element whose gradients were
+    # all 0 so far) is infinite, which would turn meta-gradients into NaN.
+    direction = ((1.0 - mix) * m_hat + mix * g) / (jnp.sqrt(v_hat + _TINY) + self.epsilon)
+    return -step_size * direction
 
-    Normalising a feature row multiplies it by a per-leaf factor, which is applied to the
-    first layer's weights (``[num_features, hidden]``) instead of to the features: that
-    saves a pass over them, and one chain of small matrix products per leaf was measured
-    faster on CPU than concatenating all leaves into one chain. Products are ``W.T @ x``,
-    elements on the minor axis.
-    """
-    activation = _ACTIVATIONS[self.activation]
-    num_layers = len(self.hidden_sizes) + 1
-    factors = _normalization_factors(features, axis=1, keepdims=True)  # [num_features, 1]
-    w0 = meta_params["layer_0"]["w"] * factors
-    h = w0.T @ features + first_bias[:, None]
-    for i in range(1, num_layers):  # the activation follows hidden layers only
-      layer = meta_params[f"layer_{i}"]
-      h = layer["w"].T @ activation(h) + layer["b"][:, None]
-    return -self.step_mult * h[0] * jnp.exp(self.exp_mult * h[1])
+
+def _as_tuple(value: Any, name: str, kind: type) -> tuple:
+  if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    raise TypeError(f"{name} must be a sequence of {kind.__name__}, got {value!r}")
+  items = tuple(value)
+  for item in items:
+    if isinstance(item, bool) or not isinstance(item, (int, float) if kind is float else kind):
+      raise TypeError(f"{name} must be a sequence of {kind.__name__}, got {value!r}")
+  return tuple(kind(item) for item in items)
+
+
+def _evenly_spaced(x: jax.Array) -> jax.Array:
+  """At most :data:`FEATURE_SAMPLE_SIZE` evenly spaced elements of ``x``, flattened."""
+  flat = jnp.ravel(x)
+  stride = max(flat.shape[0] // FEATURE_SAMPLE_SIZE, 1)
+  return jax.lax.slice(flat, (0,), (flat.shape[0],), (stride,))[:FEATURE_SAMPLE_SIZE]
+
+
+def _fan_in(shape: tuple[int, ...]) -> int:
+  """Inputs per output unit: the product of all but the last dimension (1 for vectors)."""
+  return max(math.prod(shape[:-1]), 1) if len(shape) >= 2 else 1
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _sample_meta_params(lopt: LearnedOptimizer, key: chex.PRNGKey) -> MetaParams:
   """:meth:`LearnedOptimizer.init`, compiled once per configuration (not op by op)."""
-  sizes = (lopt.num_features,) + lopt.hidden_sizes + (2,)
-  keys = jax.random.split(key, len(sizes))
+  sizes = (lopt.num_features,) + lopt.hidden_sizes + (len(OUTPUTS),)
+  keys = jax.random.split(key, len(sizes) - 1)
   meta_params: MetaParams = {}
   for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
     w = jax.random.normal(keys[i], (fan_in, fan_out), jnp.float32) / math.sqrt(fan_in)
     if i == len(sizes) - 2:
       w = w * lopt.output_init_scale
     meta_params[f"layer_{i}"] = {"w": w, "b": jnp.zeros((fan_out,), jnp.float32)}
-  meta_params["time_w"] = (
-      jax.random.normal(keys[-1], (len(lopt.time_scales), sizes[1]), jnp.float32)
-      / math.sqrt(lopt.num_features + len(lopt.time_scales)))
+  meta_params["log_base_step"] = jnp.log(
+      jnp.asarray([lopt.matrix_step, lopt.vector_step], jnp.float32))
   return meta_params
 
 
 def _cast_like(step: jax.Array, p: Any) -> jax.Array:
-  """A flat float32 step reshaped and cast to the shape and dtype of its parameter."""
+  """A float32 step cast to the dtype of its parameter."""
   return jnp.reshape(step, jnp.shape(p)).astype(jnp.result_type(p))
-
-
-def _shape_dtype(x: Any) -> jax.ShapeDtypeStruct:
-  """The shape and (canonical, as JAX computes in it) dtype of an array or scalar."""
-  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-
-
-def _normalize(x: jax.Array, axis: int, epsilon: float = 1e-12) -> jax.Array:
-  """Divides ``x`` by its root mean square along ``axis``, overflow-safe.
-
-  The values are first scaled by their largest magnitude along ``axis`` (a constant for
-  differentiation, since the result does not depend on it), so huge inputs (1e30) do not
-  overflow when squared, and all-zero slices give zeros with finite gradients. Zero-size
-  inputs give zero-size outputs. The result is
-  ``x / sqrt(mean(x**2) + epsilon * max(max|x|, 1e-20)**2)``, i.e. unit RMS unless the RMS
-  is below ~1e-26, for magnitudes up to about 8e37; above that the reciprocal of the scale
-  is subnormal (XLA on CPU flushes it to zero) and the result, still finite, is meaningless.
-  """
-  return x * _normalization_factors(x, axis, epsilon, keepdims=True)
-
-
-def _normalization_factors(x: jax.Array, axis: int, epsilon: float = 1e-12,
-                           keepdims: bool = False) -> jax.Array:
-  """The factors by which :func:`_normalize` multiplies ``x``, reduced along ``axis``."""
-  size = x.shape[axis]
-  peak = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0))
-  scale = jnp.maximum(peak, _MIN_NORMALIZATION_SCALE)
-  mean_square = jnp.sum(jnp.square(x / scale), axis=axis, keepdims=True) / max(size, 1)
-  # At most 1e6 / 1e-20; all-zero slices get 0, so 0 * huge weights never makes a NaN.
-  factors = jnp.where(peak > 0, jax.lax.rsqrt(mean_square + epsilon) / scale, 0.0)
-  return factors if keepdims else jnp.squeeze(factors, axis)
-
-
-def normalize_columns(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
-  """Divides each column of ``x`` by its root mean square, overflow-safe.
-
-  The columns are first scaled by their largest magnitude (a constant for differentiation,
-  since the result does not depend on it), so huge inputs (1e30) do not overflow when
-  squared, and all-zero columns give zeros with finite gradients. See ``_normalize``.
-  """
-  return _normalize(x, axis=0, epsilon=epsilon)
