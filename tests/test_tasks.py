@@ -12,6 +12,8 @@ import pytest
 from metatrain import data as data_lib
 from metatrain import tasks
 from metatrain.tasks import convnet
+from metatrain.tasks.cifar import MLPTask
+from metatrain.tasks.convnet import ConvNetTask
 
 
 @pytest.fixture
@@ -188,7 +190,7 @@ def test_registry():
 @pytest.mark.parametrize("name", tasks.family_names())
 def test_family_sampling_is_deterministic_and_valid(name, cifar_dir):
   overrides = {}
-  if name == "cifar_conv":
+  if name in ("cifar_conv", "cifar"):
     overrides = {"data_dir": cifar_dir, "validation_size": 10, "batch_sizes": (4,),
                  "resolutions": (8, 16)}
   family = tasks.get_family(name, **overrides)
@@ -199,6 +201,42 @@ def test_family_sampling_is_deterministic_and_valid(name, cifar_dir):
   assert len(set(samples)) > 1
   for task in samples[:2]:
     assert np.isfinite(float(initial_loss(task, task.load_data()))), task
+
+
+def test_cifar_family_covers_heads_norms_and_mlps(cifar_dir):
+  family = tasks.get_family("cifar", data_dir=cifar_dir, validation_size=10)
+  samples = [family.sample(seed) for seed in range(40)]
+  kinds = {type(task).__name__ for task in samples}
+  assert kinds == {"ConvNetTask", "MLPTask"}
+  convnets = [task for task in samples if isinstance(task, ConvNetTask)]
+  assert {task.head for task in convnets} == {"pool", "flatten"}
+  assert {task.norm for task in convnets} == {False, True}
+
+
+@pytest.mark.parametrize("head, norm", [("flatten", False), ("pool", True)])
+def test_convnet_heads_and_norm_give_finite_losses_and_expected_leaves(cifar_dir, head, norm):
+  task = ConvNetTask(resolution=8, batch_size=4, validation_size=10, data_dir=cifar_dir,
+                     head=head, norm=norm, depth=2, width=8)
+  params = task.init_params(jax.random.key(0))
+  assert ("norm_0" in params) == norm
+  # A flatten head reads every position of the last feature map (8x8 -> 2x2 after 2 strides).
+  assert params["linear"]["w"].shape == ((8 * 2 * 2 if head == "flatten" else 8), 10)
+  assert np.isfinite(float(initial_loss(task, task.load_data())))
+
+
+def test_mlp_task_trains_on_pixels(cifar_dir):
+  task = MLPTask(resolution=8, batch_size=16, validation_size=10, data_dir=cifar_dir,
+                 hidden_sizes=(32,))
+  params = task.init_params(jax.random.key(0))
+  assert params["dense_0"]["w"].shape == (8 * 8 * 3, 32)
+  data = task.load_data()
+  loss = jax.jit(lambda p, k: task.loss(p, task.sample_batch(data, k, "train")))
+  grad = jax.jit(jax.grad(lambda p, k: task.loss(p, task.sample_batch(data, k, "train"))))
+  key = jax.random.key(1)
+  before = float(loss(params, key))
+  for _ in range(20):
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grad(params, key))
+  assert float(loss(params, key)) < before
 
 
 @functools.partial(jax.jit, static_argnums=0)

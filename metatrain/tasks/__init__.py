@@ -1,9 +1,11 @@
 """Inner training problems for meta-training: the task protocol, tasks and task families."""
 
 from metatrain.tasks.base import Task
+from metatrain.tasks.cifar import CifarTask, MLPTask
 from metatrain.tasks.convnet import ConvNetTask
 from metatrain.tasks.digits import DigitsMLPTask
 from metatrain.tasks.families import (
+    CifarFamily,
     ConvNetFamily,
     DigitsMLPFamily,
     LinearRegressionFamily,
@@ -16,12 +18,15 @@ from metatrain.tasks.families import (
 from metatrain.tasks.quadratic import LinearRegressionTask
 
 __all__ = [
+    "CifarFamily",
+    "CifarTask",
     "ConvNetFamily",
     "ConvNetTask",
     "DigitsMLPFamily",
     "DigitsMLPTask",
     "LinearRegressionFamily",
     "LinearRegressionTask",
+    "MLPTask",
     "Task",
     "TaskFamily",
     "family_names",

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from metatrain.tasks import base
+from metatrain.tasks.cifar import MLPTask
 from metatrain.tasks.convnet import ConvNetTask
 from metatrain.tasks.digits import DigitsMLPTask
 from metatrain.tasks.quadratic import LinearRegressionTask
@@ -159,10 +160,52 @@ class ConvNetFamily(TaskFamily):
         holdout_size=self.holdout_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class CifarFamily(TaskFamily):
+  """CIFAR-10 classifiers of many kinds: ConvNets with pooled or flattened heads, with or
+  without normalisation, of varying width and depth, and MLPs on pixels of varying widths.
+
+  The breadth is what lets one learned optimizer serve the models users write (the
+  per-tensor network sees tensors of many shapes, scales and roles). ``mlp_fraction`` of the
+  samples are MLPs.
+  """
+  mlp_fraction: float = 0.3
+  widths: tuple[int, ...] = (16, 32, 64)
+  depths: tuple[int, ...] = (2, 3)
+  heads: tuple[str, ...] = ("pool", "flatten")
+  norms: tuple[bool, ...] = (False, True)
+  mlp_widths: tuple[int, ...] = (64, 128, 256, 512)
+  mlp_depths: tuple[int, ...] = (1, 2)
+  activations: tuple[str, ...] = ("relu", "gelu", "tanh")
+  init_scale_range: tuple[float, float] = (0.5, 2.0)
+  batch_sizes: tuple[int, ...] = (32, 64, 128)
+  resolutions: tuple[int, ...] = (8, 16)
+  conv_impl: str = "patches"
+  data_dir: str | None = None
+  validation_size: int = 5000
+  holdout_size: int = 0
+
+  def sample(self, key_or_seed: int | chex.PRNGKey) -> base.Task:
+    rng = _rng(key_or_seed)
+    shared = dict(activation=_choice(rng, self.activations),
+                  init_scale=_log_uniform(rng, *self.init_scale_range),
+                  batch_size=_choice(rng, self.batch_sizes),
+                  resolution=_choice(rng, self.resolutions), data_dir=self.data_dir,
+                  validation_size=self.validation_size, holdout_size=self.holdout_size)
+    if rng.uniform() < self.mlp_fraction:
+      depth = _choice(rng, self.mlp_depths)
+      return MLPTask(hidden_sizes=tuple(_choice(rng, self.mlp_widths) for _ in range(depth)),
+                     **shared)
+    return ConvNetTask(width=_choice(rng, self.widths), depth=_choice(rng, self.depths),
+                       head=_choice(rng, self.heads), norm=bool(_choice(rng, self.norms)),
+                       conv_impl=self.conv_impl, **shared)
+
+
 _FAMILIES: dict[str, type[TaskFamily]] = {
     "linear_regression": LinearRegressionFamily,
     "digits_mlp": DigitsMLPFamily,
     "cifar_conv": ConvNetFamily,
+    "cifar": CifarFamily,
 }
 
 

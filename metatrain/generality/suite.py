@@ -1,0 +1,245 @@
+"""Runs the generality suite and summarises it: the learned optimizer against tuned Adam.
+
+For each model: Adam's learning-rate grid on the first seed, the winners (by final training
+loss and by final validation loss, at each horizon) on every seed, the learned optimizer on
+every seed, and an interleaved step timing. Per model and horizon it reports
+
+- steps and wall-clock (steps times the step-cost ratio) for the learned optimizer's
+  training loss (the mean over seeds of its ``smoothing``-step mean) to reach tuned Adam's
+  final training loss, as fractions of the horizon;
+- final validation loss of each, and their ratio;
+- divergence, and the late rise: the final training loss over the best ``smoothing``-step
+  mean of the run (the worst seed);
+- the step-cost ratio.
+
+Usage::
+
+  python -m metatrain.generality --optimizer cifar --out runs/generality
+  python -m metatrain.generality --models pixel_mlp,flatten_conv --steps 1000 \\
+      --horizons 1000 --out runs/quick
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+from typing import Any
+
+import numpy as np
+import optax
+
+import optax_learned
+from metatrain._json_io import atomic_write, jsonable
+from metatrain.generality import protocol
+from metatrain.generality.models import SuiteModel
+
+__all__ = ("main", "run_model", "summarize")
+
+
+def smoothed(losses: np.ndarray, window: int) -> np.ndarray:
+  """Trailing ``window``-step means; entry ``t`` covers steps ``t - window + 1 .. t``
+  (0-based), NaN before the first full window."""
+  losses = np.asarray(losses, np.float64)
+  out = np.full_like(losses, np.nan)
+  if len(losses) >= window:
+    csum = np.cumsum(np.insert(losses, 0, 0.0))
+    out[window - 1:] = (csum[window:] - csum[:-window]) / window
+  return out
+
+
+def _final(curve: np.ndarray, horizon: int) -> float:
+  return float(curve[horizon - 1])
+
+
+def _lr_label(lr: float) -> str:
+  return f"adam_{lr:.0e}"
+
+
+def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.ProtocolConfig,
+              learned: dict[str, optax.GradientTransformation], data_dir: str | None,
+              log=print) -> dict[str, Any]:
+  """Every run one model needs (cached), then its summary."""
+  seeds = [protocol.FIRST_SEED + i for i in range(config.seeds)]
+  run = lambda label, tx, seed: protocol.run_cached(out_dir, model, label, tx, seed, config,
+                                                    data_dir)
+  grid = {}
+  for lr in config.adam_learning_rates:
+    grid[lr] = run(_lr_label(lr), optax.adam(lr), seeds[0])
+    log(f"  {model.name} adam {lr:.0e} seed {seeds[0]}: final "
+        f"{_final(smoothed(grid[lr]['train_losses'], config.smoothing), config.steps):.4f}")
+  winners = _winners(grid, config)
+  adam_runs = {lr: [grid[lr]] + [run(_lr_label(lr), optax.adam(lr), s) for s in seeds[1:]]
+               for lr in sorted(set(winners.values()))}
+  learned_runs = {}
+  for label, tx in learned.items():
+    learned_runs[label] = [run(label, tx, s) for s in seeds]
+    log(f"  {model.name} {label}: done")
+  costs = {}
+  if learned:
+    costs = protocol.step_cost_ratio(
+        model, {"adam": optax.adam(1e-3), **learned}, config.timing_reps, data_dir)
+  return summarize(model, config, grid, winners, adam_runs, learned_runs, costs)
+
+
+def _winners(grid: dict[float, dict], config: protocol.ProtocolConfig) -> dict[str, float]:
+  """Adam's best learning rate by final train and by final valid loss, per horizon."""
+  winners = {}
+  for horizon in config.horizons:
+    def train_at(lr, horizon=horizon):
+      value = _final(smoothed(grid[lr]["train_losses"], config.smoothing), horizon)
+      return value if math.isfinite(value) else math.inf
+    def valid_at(lr, horizon=horizon):
+      return grid[lr]["valid_losses"].get(str(horizon), math.inf)
+    winners[f"train_{horizon}"] = min(grid, key=train_at)
+    winners[f"valid_{horizon}"] = min(grid, key=valid_at)
+  return winners
+
+
+def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners, adam_runs,
+              learned_runs, costs) -> dict[str, Any]:
+  """The per-horizon comparison of one model (see the module docstring)."""
+  window = config.smoothing
+  mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
+  result = {"model": model.name, "description": model.description,
+            "in_domain": model.in_domain, "batch_size": model.batch_size,
+            "adam_grid_final_train": {f"{lr:.0e}": _final(smoothed(r["train_losses"], window),
+                                                          config.steps)
+                                      for lr, r in grid.items()},
+            "horizons": {}, "optimizers": {}}
+  for label, runs in learned_runs.items():
+    per_horizon = {}
+    for horizon in config.horizons:
+      adam_train = adam_runs[winners[f"train_{horizon}"]]
+      adam_valid = adam_runs[winners[f"valid_{horizon}"]]
+      target = _final(mean_curve(adam_train), horizon)
+      curve = mean_curve(runs)[:horizon]
+      reached = np.nonzero(curve <= target)[0]
+      steps = int(reached[0]) + 1 if reached.size else None
+      valid = [r["valid_losses"].get(str(horizon), math.nan) for r in runs]
+      adam_valid_losses = [r["valid_losses"].get(str(horizon), math.nan) for r in adam_valid]
+      rises = []
+      for r in runs:
+        c = smoothed(r["train_losses"], window)[:horizon]
+        rises.append(float(c[-1] / np.nanmin(c)) if np.isfinite(c[-1]) else math.inf)
+      cost = costs.get(label, math.nan)
+      per_horizon[str(horizon)] = {
+          "adam_train_lr": winners[f"train_{horizon}"],
+          "adam_valid_lr": winners[f"valid_{horizon}"],
+          "adam_final_train": target,
+          "final_train": _final(curve, horizon),
+          "steps_to_adam_train": steps,
+          "steps_fraction": None if steps is None else steps / horizon,
+          "wall_clock_fraction": None if steps is None else steps / horizon * cost,
+          "final_valid": float(np.mean(valid)),
+          "adam_final_valid": float(np.mean(adam_valid_losses)),
+          "valid_ratio": float(np.mean(valid) / np.mean(adam_valid_losses)),
+          "diverged": any(r["diverged"] for r in runs),
+          "late_rise": max(rises),
+      }
+    result["optimizers"][label] = {"step_cost_ratio": costs.get(label), "horizons": per_horizon}
+  result["adam_step_ms"] = costs.get("adam_ms")
+  result["curves"] = {
+      "adam": {h: mean_curve(adam_runs[winners[f"train_{h}"]]).tolist()[::10]
+               for h in map(str, config.horizons)},
+      **{label: mean_curve(runs).tolist()[::10] for label, runs in learned_runs.items()}}
+  return result
+
+
+def markdown_table(summaries: list[dict[str, Any]], label: str) -> str:
+  """One row per model and horizon for the learned optimizer ``label``."""
+  lines = ["| model | horizon | steps to Adam's train loss (x horizon) | wall-clock (x Adam's) "
+           "| valid (learned / Adam) "
+           "| valid ratio | diverged | late rise | step cost |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda x, spec: "never" if x is None else format(x, spec)
+  for summary in summaries:
+    opt = summary["optimizers"].get(label)
+    if opt is None:
+      continue
+    name = summary["model"] + ("" if summary["in_domain"] else " (outside CIFAR-10)")
+    for horizon, h in opt["horizons"].items():
+      lines.append(
+          f"| {name} | {horizon} | {fmt(h['steps_fraction'], '.2f')} "
+          f"| {fmt(h['wall_clock_fraction'], '.2f')} "
+          f"| {h['final_valid']:.3f} / {h['adam_final_valid']:.3f} | {h['valid_ratio']:.3f} "
+          f"| {'yes' if h['diverged'] else 'no'} | {h['late_rise']:.3f} "
+          f"| {opt['step_cost_ratio']:.2f}x |")
+  return "\n".join(lines)
+
+
+def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) -> None:
+  """One panel per model: smoothed training loss of each learned optimizer and tuned Adam."""
+  import matplotlib  # noqa: PLC0415 (only when plotting)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  cols = 4
+  rows = -(-len(summaries) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+  for ax, summary in zip(axes.flat, summaries, strict=False):
+    curves = summary["curves"]
+    longest = max(curves["adam"], key=int)
+    for label, curve in [("tuned Adam", curves["adam"][longest])] + [
+        (k, v) for k, v in curves.items() if k != "adam"]:
+      ax.plot(np.arange(len(curve)) * 10 + 1, curve, label=label)
+    ax.set_title(summary["model"], fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss ({smoothing}-step mean)")
+    ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(summaries):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the suite from command-line arguments (see the module docstring); returns 0."""
+  parser = argparse.ArgumentParser(
+      prog="python -m metatrain.generality", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--optimizer", action="append", default=[],
+                      help="learned optimizer(s) to compare: a bundled name or a checkpoint "
+                           "directory, optionally LABEL=PATH; repeatable. None: Adam only")
+  parser.add_argument("--learning-rate", type=float, default=1.0,
+                      help="the learned optimizers' step multiplier")
+  parser.add_argument("--models", default="", help="comma-separated suite models (default all)")
+  parser.add_argument("--steps", type=int, default=protocol.ProtocolConfig.steps)
+  parser.add_argument("--horizons", default="1000,3000")
+  parser.add_argument("--seeds", type=int, default=protocol.ProtocolConfig.seeds)
+  parser.add_argument("--eval-every", type=int, default=protocol.ProtocolConfig.eval_every)
+  parser.add_argument("--smoothing", type=int, default=protocol.ProtocolConfig.smoothing,
+                      help="window of the training-loss mean (steps)")
+  parser.add_argument("--timing-reps", type=int, default=protocol.ProtocolConfig.timing_reps)
+  parser.add_argument("--data-dir", default=None,
+                      help="CIFAR-10 directory (default $OPTAX_LEARNED_DATA, else TFDS)")
+  parser.add_argument("--out", required=True, help="output directory (runs are cached there)")
+  args = parser.parse_args(argv)
+
+  config = protocol.ProtocolConfig(steps=args.steps, seeds=args.seeds,
+                                   eval_every=args.eval_every, smoothing=args.smoothing,
+                                   timing_reps=args.timing_reps,
+                                   horizons=tuple(int(h) for h in args.horizons.split(",")))
+  learned = {}
+  for spec in args.optimizer:
+    label, sep, path = spec.partition("=")
+    label, path = (label, path) if sep else (pathlib.Path(spec).name, spec)
+    learned[label] = optax_learned.load(path, learning_rate=args.learning_rate)
+  out_dir = pathlib.Path(args.out)
+  summaries = []
+  for model in protocol.suite_models(args.models):
+    print(f"{model.name}: {model.description}", flush=True)
+    summaries.append(run_model(model, out_dir, config, learned, args.data_dir,
+                               log=lambda line: print(line, flush=True)))
+  atomic_write(out_dir / "results.json", json.dumps(jsonable(
+      {"protocol": config.__dict__, "models": summaries}), indent=1))
+  tables = "\n\n".join(f"## {label}\n\n{markdown_table(summaries, label)}" for label in learned)
+  atomic_write(out_dir / "results.md", tables + "\n")
+  if learned:
+    plot(summaries, out_dir / "loss_curves.png", config.smoothing)
+    print(tables)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

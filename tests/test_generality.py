@@ -1,0 +1,81 @@
+"""Tests of the generality suite: its models, the cached protocol and the summary."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import optax_learned
+from metatrain import data as data_lib
+from metatrain.generality import models, protocol, suite
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+  """A directory with a tiny synthetic CIFAR-10 training split (10,200 rows: the suite's
+  holdout rows need 5,000, and the validation rows before them another 5,000)."""
+  rng = np.random.default_rng(0)
+  n = 10_200
+  np.savez(tmp_path / data_lib.TRAIN_FILE,
+           x=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+           y=(np.arange(n) % 10).astype(np.uint8))
+  return str(tmp_path)
+
+
+def test_suite_covers_what_the_issue_lists():
+  names = set(models.SUITE)
+  cifar = [m for m in models.SUITE.values() if m.in_domain]
+  assert len(cifar) >= 8
+  assert {m.dataset for m in models.SUITE.values() if not m.in_domain} == {"text", "digits"}
+  batch_sizes = {m.batch_size for m in cifar}
+  assert min(batch_sizes) == 32 and max(batch_sizes) >= 512
+  assert {"flatten_conv", "batchnorm_maxpool", "resnet", "pixel_mlp",
+          "patch_transformer"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(models.SUITE))
+def test_every_suite_model_initialises_and_gives_a_finite_loss(name, cifar_dir):
+  model = models.SUITE[name]
+  tx = optax_learned.load("cifar")
+  run = protocol._Run(model, tx, protocol.FIRST_SEED, cifar_dir)
+  loss = run.train_step(jax.random.key(0))
+  assert np.isfinite(float(loss))
+  if name == "pixel_mlp":
+    assert models.count_params(run.params) >= 500_000
+
+
+def test_smoothed_is_a_trailing_mean():
+  curve = suite.smoothed(np.arange(6.0), 3)
+  np.testing.assert_allclose(curve, [np.nan, np.nan, 1.0, 2.0, 3.0, 4.0])
+
+
+def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
+  out = tmp_path / "out"
+  optimizer = tmp_path / "opt"
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
+  optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(0)))
+  argv = ["--optimizer", f"mine={optimizer}", "--models", "softmax_regression_b512,digits_mlp",
+          "--steps", "60", "--horizons", "30,60", "--eval-every", "30", "--seeds", "2",
+          "--smoothing", "10", "--timing-reps", "5",
+          "--data-dir", cifar_dir, "--out", str(out)]
+  assert suite.main(argv) == 0
+  results = json.loads((out / "results.json").read_text())
+  assert [m["model"] for m in results["models"]] == ["softmax_regression_b512", "digits_mlp"]
+  for summary in results["models"]:
+    assert len(summary["adam_grid_final_train"]) == 6
+    horizons = summary["optimizers"]["mine"]["horizons"]
+    assert set(horizons) == {"30", "60"}
+    for h in horizons.values():
+      assert h["late_rise"] >= 1.0
+      assert np.isfinite(h["final_valid"]) and np.isfinite(h["adam_final_valid"])
+      assert h["steps_fraction"] is None or 0 < h["steps_fraction"] <= 1
+    assert summary["optimizers"]["mine"]["step_cost_ratio"] > 0
+  assert "| digits_mlp (outside CIFAR-10) | 60 |" in (out / "results.md").read_text()
+  assert (out / "loss_curves.png").stat().st_size > 0
+  # Every run is cached: a second invocation trains nothing and gives the same summary.
+  cached = sorted(p.name for p in (out / "runs" / "digits_mlp").iterdir())
+  assert len(cached) >= 6 + 2
+  before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+  assert suite.main(argv) == 0
+  assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
