@@ -8,6 +8,7 @@ Build (offline; warnings are errors)::
 or ``make -C docs html doctest``. Needs only the ``docs`` extra of pyproject.toml.
 """
 
+import datetime
 import os
 import pathlib
 import sys
@@ -29,7 +30,12 @@ warnings.filterwarnings("ignore", message=r".*_RstSnippetParser\.set_application
 
 project = "optax_learned"
 author = "The optax_learned authors"
-copyright = "2025, The optax_learned authors"  # noqa: A001
+# The year of the build (or of SOURCE_DATE_EPOCH, for reproducible builds).
+_BUILD_TIME = datetime.datetime.fromtimestamp(
+    int(os.environ.get("SOURCE_DATE_EPOCH", datetime.datetime.now().timestamp())),
+    tz=datetime.UTC)
+_YEARS = "2025" if _BUILD_TIME.year <= 2025 else f"2025-{_BUILD_TIME.year}"
+copyright = f"{_YEARS}, The optax_learned authors"  # noqa: A001
 release = optax_learned.__version__
 version = release
 
@@ -109,6 +115,11 @@ api_coverage_modules = [
     "metatrain.diagnostics",
     "metatrain.data",
     "metatrain.tasks",
+    "metatrain.tasks.cifar",
+    "metatrain.timing",
+    "metatrain.generality.models",
+    "metatrain.generality.protocol",
+    "metatrain.generality.suite",
 ]
 
 # -- HTML ----------------------------------------------------------------------------------------
@@ -156,12 +167,52 @@ DATA_DOCSTRINGS = {
     "metatrain.configs.RUN_CONTROL_KEYS": (
         "Keys that steer a run without changing what it computes: a run may be resumed with "
         "other values of these keys."),
+    "metatrain.tasks.cifar.ACTIVATIONS": (
+        "The activations of the CIFAR-10 tasks: name to function, the values of their "
+        "``activation`` field."),
+    "metatrain.tasks.cifar.RESOLUTIONS": (
+        "The image sides (pixels) a CIFAR-10 task may train at, the values of its "
+        "``resolution`` field."),
+    "metatrain.tasks.cifar.VALIDATE_ON": (
+        "The values of a CIFAR-10 task's ``validate_on`` field: the rows its ``\"valid\"`` "
+        "split is drawn from."),
+    "metatrain.generality.models.SUITE": (
+        "The models of the generality suite: name to "
+        ":class:`~metatrain.generality.models.SuiteModel`."),
+    "metatrain.generality.protocol.HOLDOUT_ROWS": (
+        "The last rows of the CIFAR-10 training split that the suite validates on; the "
+        "``cifar`` recipe holds them out of meta-training."),
 }
+
+# Module-level data re-exported from the module that defines it: autodoc reads attribute
+# docstrings (a string literal after the assignment) from the module it documents, so the
+# re-export would show no description. Its docstring is read from the defining module.
+DATA_DEFINED_IN = {
+    "optax_learned.FORMAT_VERSION": "optax_learned._src.checkpoint",
+}
+
+
+def _attribute_docstring(name: str) -> list[str] | None:
+  """The docstring following ``NAME = ...`` in the module that defines ``name``."""
+  from sphinx.pycode import ModuleAnalyzer  # pylint: disable=import-outside-toplevel
+
+  module = DATA_DEFINED_IN.get(name)
+  if module is None:
+    return None
+  docs = ModuleAnalyzer.for_module(module).find_attr_docs()
+  lines = docs.get(("", name.rpartition(".")[2]))
+  if not lines:
+    raise RuntimeError(f"{module} has no docstring for {name.rpartition('.')[2]}")
+  return list(lines)
 
 
 def _data_docstring(app, what, name, obj, options, lines):
   """Replaces a builtin type's docstring on module-level data by DATA_DOCSTRINGS[name]."""
   if what not in ("data", "attribute"):
+    return
+  defined = _attribute_docstring(name)
+  if defined is not None:
+    lines[:] = defined
     return
   type_doc = (type(obj).__doc__ or "").strip().splitlines()
   own = [line for line in lines if line.strip()]

@@ -10,6 +10,7 @@ TFDS; validation is carved from the training split::
 """
 
 import argparse
+import pathlib
 import time
 
 import flax.linen as nn
@@ -80,7 +81,8 @@ def train(tx, splits, steps, seed, batch_size=128):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--optimizer", default="cifar",
                       help="bundled learned optimizer name or checkpoint path")
   parser.add_argument("--adam-lr", type=float, default=3e-3, help="Adam's learning rate")
@@ -88,13 +90,18 @@ def main():
   parser.add_argument("--data-dir", default=None,
                       help="directory with cifar10_train.npz (default $OPTAX_LEARNED_DATA, "
                            "else TFDS)")
-  parser.add_argument("--out", default="flax_cifar.png", help="where to save the plot")
+  parser.add_argument("--out", default="runs/flax_cifar.png", help="where to save the plot")
   args = parser.parse_args()
-  splits = data_lib.load_cifar10(args.data_dir)
+  try:
+    splits = data_lib.load_cifar10(args.data_dir)
+  except data_lib.DataNotFoundError as e:
+    raise SystemExit(f"flax_cifar.py: {e}") from None
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   runs = {f"learned ({args.optimizer})": optax.chain(optax_learned.load(args.optimizer)),
           f"adam lr={args.adam_lr:g}": optax.adam(args.adam_lr)}
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   for name, tx in runs.items():
+    print(f"training {name} for {args.steps} steps...", flush=True)
     curve = train(tx, splits, args.steps, seed=0)
     print(f"{name:24s} train loss {curve[-1, 2]:.4f} valid loss {curve[-1, 3]:.4f} "
           f"valid acc {curve[-1, 4]:.3f} {1e3 * curve[-1, 1] / args.steps:.1f} ms/step")

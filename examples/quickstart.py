@@ -2,12 +2,13 @@
 
 Trains a small Flax MLP on scikit-learn's 8x8 digits (shipped with scikit-learn, no
 download) with ``optax_learned.load("digits")`` and with Adam at three learning rates, prints a
-table and saves ``quickstart.png``. About a minute on 2 CPU cores::
+table and saves ``runs/quickstart.png``. About a minute on 2 CPU cores::
 
-  python examples/quickstart.py [--steps 300] [--out quickstart.png]
+  python examples/quickstart.py [--steps 300] [--out runs/quickstart.png]
 """
 
 import argparse
+import pathlib
 import time
 
 import flax.linen as nn
@@ -84,7 +85,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=300, help="training steps per run")
   parser.add_argument("--seeds", type=int, default=2, help="seeds per optimizer")
-  parser.add_argument("--out", default="quickstart.png", help="where to save the plot")
+  parser.add_argument("--out", default="runs/quickstart.png",
+                      help="where to save the plot (runs/ is ignored by git)")
   args = parser.parse_args()
   train_data, valid_data = load_data()
   print(f"bundled learned optimizers: {optax_learned.available()}")
@@ -119,6 +121,7 @@ def main():
     ax.set(xlabel="step", title=title, yscale="log")
   axes[0].legend()
   fig.tight_layout()
+  pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(args.out, dpi=110)
   print(f"\nsaved {args.out}")
 

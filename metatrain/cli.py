@@ -41,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--steps", type=int, default=None,
                      help="meta-steps to reach in all (default: the config's `steps`)")
   train.add_argument("--distributed", action="store_true",
-                     help="call jax.distributed.initialize() first (multi-host runs; the "
-                          "coordinator comes from the environment, see the JAX docs)")
+                     help="call jax.distributed.initialize() first (multi-process runs). "
+                          "Without --coordinator, JAX detects the cluster (SLURM, ...)")
+  train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="address of process 0 (jax.distributed.initialize's "
+                          "coordinator_address); implies --distributed")
+  train.add_argument("--num-processes", type=int, default=None, metavar="N",
+                     help="processes in all (with --coordinator)")
+  train.add_argument("--process-id", type=int, default=None, metavar="I",
+                     help="this process's index, 0..N-1 (with --coordinator)")
   train.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
                      help="a progress bar (terminal) or plain log lines (default: auto)")
 
@@ -115,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return _dispatch(args)
+  except KeyboardInterrupt:
+    print(f"metatrain {args.command}: interrupted", file=sys.stderr)
+    return 130
   except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
     print(f"metatrain {args.command}: error: {e}", file=sys.stderr)
     return 2
@@ -133,12 +143,24 @@ def _dispatch(args) -> int:
   if args.command == "train":
     config = _run_config(args)
     import jax  # pylint: disable=import-outside-toplevel
-    if args.distributed:
+    cluster = (args.coordinator, args.num_processes, args.process_id)
+    if args.coordinator is None and any(v is not None for v in cluster):
+      raise ValueError("--num-processes and --process-id need --coordinator HOST:PORT")
+    if args.coordinator is not None and None in cluster:
+      raise ValueError("--coordinator needs --num-processes N and --process-id I")
+    if args.coordinator is not None:
+      jax.distributed.initialize(coordinator_address=args.coordinator,
+                                 num_processes=args.num_processes, process_id=args.process_id)
+    elif args.distributed:
       jax.distributed.initialize()
     from metatrain import trainer  # pylint: disable=import-outside-toplevel
     progress = {"auto": None, "bar": True, "lines": False}[args.progress]
     runner = trainer.MetaTrainer(config, args.workdir, data_dir=args.data_dir, progress=progress)
-    state = runner.train(args.steps)
+    try:
+      state = runner.train(args.steps)
+    except trainer.Interrupted as interrupt:
+      print(f"metatrain train: {interrupt}", file=sys.stderr)
+      return 130
     print(f"meta-trained to step {int(state['step'])}; checkpoints in {args.workdir}")
     return 0
   if args.command == "export":

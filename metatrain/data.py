@@ -37,11 +37,12 @@ NUM_CLASSES = 10
 Split = dict[str, np.ndarray]
 
 _HOW_TO_PROVIDE = (
-    f"Provide CIFAR-10 in one of two ways: (1) set the environment variable {ENV_VAR} to a "
-    f"directory containing {TRAIN_FILE} (keys `x`: uint8 [N, 32, 32, 3], `y`: labels [N]; "
-    f"optionally also {TEST_FILE}), or pass that directory as `source` (a task's `data_dir`); "
-    "or (2) `pip install tensorflow-datasets` and download it once with "
-    "load_cifar10(download=True)."
+    f"Provide CIFAR-10 in one of two ways: (1) a directory containing {TRAIN_FILE} (keys "
+    f"`x`: uint8 [N, 32, 32, 3], `y`: labels [N]; optionally also {TEST_FILE}), given with "
+    f"--data-dir DIR (the metatrain CLI, examples and benchmarks) or the environment variable "
+    f"{ENV_VAR}=DIR (or as `source` / a task's `data_dir` from Python); or (2) TFDS: "
+    "`pip install -e \".[data]\"` and download it once with "
+    "`python -c 'from metatrain import data; data.load_cifar10(\"tfds\", download=True)'`."
 )
 
 

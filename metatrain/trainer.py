@@ -17,7 +17,9 @@ antithetic pairs) is sharded over all devices of a 1-D mesh; on many hosts call
 every host's devices.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import os
@@ -39,7 +41,8 @@ from metatrain._json_io import atomic_write
 from metatrain.configs import RunConfig
 from metatrain.tasks import base, families
 
-__all__ = ("MetaTrainer", "WorkdirError", "build_tasks", "export")
+__all__ = ("Interrupted", "MetaTrainer", "WorkdirError", "build_tasks", "export",
+           "restore_on_this_host", "workdir_lock")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -47,7 +50,55 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class WorkdirError(RuntimeError):
-  """A work directory that cannot be used: unwritable, or holding another run."""
+  """A work directory that cannot be used: unwritable, in use, or holding another run."""
+
+
+class Interrupted(Exception):  # noqa: N818 (it is not an error: the user asked for it)
+  """Meta-training stopped by the user (Ctrl-C); rerunning the same command resumes.
+
+  Attributes:
+    checkpoint_step: the step of the last finished checkpoint (where a rerun resumes).
+    step: the meta-steps done when the interrupt arrived.
+  """
+
+  def __init__(self, checkpoint_step: int, step: int):
+    super().__init__(f"interrupted at step {step}; the last checkpoint is step "
+                     f"{checkpoint_step}: rerun the same command to resume")
+    self.checkpoint_step, self.step = checkpoint_step, step
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """Holds an exclusive lock on ``workdir`` for one writer (one per host).
+
+  The lock is an ``fcntl`` lock on ``workdir/.lock``: the operating system releases it when
+  its process ends, however it ends (``kill -9`` included), so a lock left by a killed run
+  never blocks the resume.
+
+  Raises:
+    WorkdirError: another process holds the lock (naming its PID when it is known).
+  """
+  path = workdir / (LOCK_FILE if jax.process_count() == 1
+                    else f"{LOCK_FILE}.{jax.process_index()}")
+  with open(path, "a+") as handle:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      handle.seek(0)
+      holder = handle.read().strip() or "unknown"
+      raise WorkdirError(f"{workdir} is in use by another metatrain process (PID {holder}); "
+                         "wait for it to finish, or stop it, before training here") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Task]:
@@ -222,14 +273,21 @@ class MetaTrainer:
     """
     total = self.config.steps if steps is None else steps
     self._prepare_workdir()
+    with workdir_lock(self.workdir):
+      return self._train_locked(total)
+
+  def _train_locked(self, total: int) -> dict[str, Any]:
     manager = self.checkpoint_manager()
     state = self.restore_or_init(manager)
     start = int(state["step"])
+    if start and jax.process_index() == 0:
+      print(f"resuming from step {start}", file=sys.stderr, flush=True)
     primary = jax.process_index() == 0  # other hosts only compute and checkpoint
     metrics_path = self.workdir / METRICS_FILE
     elapsed = _truncate_metrics(metrics_path, start) if primary else 0.0
     bar = _progress(start, total, self.progress)
     began = time.perf_counter() - elapsed
+    done = start
     try:
       with open(metrics_path if primary else os.devnull, "a") as metrics_file:
         for step in range(start, total):
@@ -247,12 +305,25 @@ class MetaTrainer:
             if primary:
               plots.plot_metrics(metrics_path, self.workdir / "metrics.png")
       manager.wait_until_finished()
+    except KeyboardInterrupt:
+      manager.wait_until_finished()  # a save in flight completes; none is left half-written
+      raise Interrupted(manager.latest_step() or 0, done) from None
     except OSError as e:
       raise WorkdirError(f"writing to {self.workdir} failed: {e}; the last complete "
                          "checkpoint is intact and a new run resumes from it") from e
     finally:
       bar.close()
     return state
+
+
+def restore_on_this_host(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """A checkpointed state restored onto this host's first device, whatever the device count
+  it was saved with (a run sharded over 4 devices exports on a 1-device laptop)."""
+  stored = manager.item_metadata(step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          stored)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> float:
@@ -326,14 +397,14 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *,
   if not config_file.is_file():
     raise WorkdirError(f"{workdir} is not a meta-training work directory: no {CONFIG_FILE}")
   config = RunConfig.from_dict(json.loads(config_file.read_text()))
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options)
+  manager = ocp.CheckpointManager(workdir / CHECKPOINT_DIR,
+                                  options=ocp.CheckpointManagerOptions(create=False),
+                                  item_handlers=ocp.StandardCheckpointHandler())
   step = manager.latest_step()
   if step is None:
     raise WorkdirError(f"{workdir} has no finished checkpoint to export")
   lopt = optax_learned.LearnedOptimizer(**config.optimizer)
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
-  meta_params = jax.tree.map(np.asarray, restored["meta_params"])
+  meta_params = jax.tree.map(np.asarray, restore_on_this_host(manager, step)["meta_params"])
   records = []
   if (workdir / METRICS_FILE).exists():
     records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()

@@ -74,3 +74,12 @@ def test_evaluate_replaces_task_fields(tmp_path, capsys):
   assert cli.main(["evaluate", "--task", "linear_regression", "--out", str(out),
                    "--task-set", "batch_size"]) == 2
   assert "--task-set expects FIELD=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-processes", "2"], "need --coordinator"),
+    (["--coordinator", "localhost:1234"], "needs --num-processes N and --process-id I"),
+])
+def test_distributed_flags_must_come_together(tmp_path, capsys, flags, message):
+  assert cli.main(["train", "--config", "quadratic", "--workdir", str(tmp_path)] + flags) == 2
+  assert message in capsys.readouterr().err

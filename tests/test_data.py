@@ -106,7 +106,8 @@ def test_bad_validation_size(tmp_path, validation_size):
 def _assert_names_both_ways(message):
   assert data.ENV_VAR in message
   assert data.TRAIN_FILE in message
-  assert "pip install tensorflow-datasets" in message
+  assert 'pip install -e ".[data]"' in message
+  assert "--data-dir" in message
 
 
 def test_no_data_fails_fast_naming_both_ways(no_env):

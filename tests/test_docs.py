@@ -133,7 +133,9 @@ def test_coverage_check_covers_the_real_packages():
   conf = (DOCS / "conf.py").read_text()
   for name in ("optax_learned", "metatrain", "metatrain.estimators", "metatrain.truncation",
                "metatrain.trainer", "metatrain.configs", "metatrain.evaluation",
-               "metatrain.diagnostics", "metatrain.data", "metatrain.tasks"):
+               "metatrain.diagnostics", "metatrain.data", "metatrain.tasks",
+               "metatrain.tasks.cifar", "metatrain.timing", "metatrain.generality.models",
+               "metatrain.generality.protocol", "metatrain.generality.suite"):
     assert f'"{name}"' in conf, name
     assert api_coverage.public_names(importlib.import_module(name)) or name == "metatrain"
   assert api_coverage.undocumented(optax_learned, set()) == sorted(
@@ -224,8 +226,8 @@ def test_every_generated_marker_has_a_generator():
 # -- the bad-input table --------------------------------------------------------------------------
 
 _CASES = generated_content.load_bad_inputs()["cases"]
-_LOPT = optax_learned.LearnedOptimizer(hidden_sizes=(6, 5), momentum_decays=(0.5, 0.99),
-                                       time_scales=(10.0, 100.0), output_init_scale=0.5)
+_LOPT = optax_learned.LearnedOptimizer(hidden_sizes=(6, 5), time_scales=(10.0, 100.0),
+                                       output_init_scale=0.5)
 
 
 def _meta_params(lopt=_LOPT, seed=0):
@@ -324,13 +326,31 @@ def _skipped_step(c):
   _, state = tx.update(params, tx.init(params), params)
   bad = {"w": jnp.array([1.0, jnp.nan, jnp.inf]), "b": jnp.ones(2)}
   updates, new_state = tx.update(bad, state, params)
+  # Element by element: the NaN and the infinity get zero updates and keep their
+  # accumulators; the finite elements (of that leaf too) are updated; the count advances.
+  assert updates["w"][1:].tolist() == [0.0, 0.0]
+  assert bool(updates["w"][0] != 0) and bool(jnp.all(updates["b"] != 0))
+  for accumulator in ("mu", "nu"):
+    new, old = getattr(new_state, accumulator), getattr(state, accumulator)
+    np.testing.assert_array_equal(new["w"][1:], old["w"][1:])
+    assert bool(new["w"][0] != old["w"][0])
+  assert int(new_state.count) == int(state.count) + 1
+  finite = lambda tree: all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+  assert finite((updates, new_state))
+  # Derivatives through the skipped elements are zeros, not NaN.
+  step = lambda mp: lopt.transform(mp).update(bad, state, params)[0]
+  skipped = jax.grad(lambda mp: jnp.sum(step(mp)["w"][1:]))(_meta_params(lopt))
+  assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(skipped))
+  kept = jax.grad(lambda mp: jnp.sum(step(mp)["w"][:1]))(_meta_params(lopt))
+  assert finite(kept) and any(bool(jnp.any(g != 0)) for g in jax.tree.leaves(kept))
+  # A step whose gradients are all non-finite changes nothing but the count.
+  nan = jax.tree.map(lambda g: jnp.full_like(g, jnp.nan), params)
+  updates, nan_state = tx.update(nan, state, params)
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
-  for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(state), strict=True):
+  for new, old in zip(jax.tree.leaves((nan_state.mu, nan_state.nu)),
+                      jax.tree.leaves((state.mu, state.nu)), strict=True):
     np.testing.assert_array_equal(new, old)
-  meta_loss = lambda mp: sum(jnp.sum(u) for u in jax.tree.leaves(
-      lopt.transform(mp).update(bad, state, params)[0]))
-  meta_grads = jax.grad(meta_loss)(_meta_params(lopt))
-  assert all(bool(jnp.all(g == 0)) for g in jax.tree.leaves(meta_grads))
+  assert int(nan_state.count) == int(state.count) + 1
 
 
 def _nan_propagates(c):
@@ -338,9 +358,15 @@ def _nan_propagates(c):
   params = _params()
   updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0, 1.0]), "b": jnp.ones(2)},
                              tx.init(params), params)
-  assert not bool(jnp.all(jnp.isfinite(updates["w"])))
+  # The element that holds the NaN: its update and accumulators; no other element.
+  assert bool(jnp.isnan(updates["w"][0])) and bool(jnp.isnan(state.mu["w"][0]))
+  assert bool(jnp.all(jnp.isfinite(updates["w"][1:])))
   assert bool(jnp.all(jnp.isfinite(updates["b"])))
   assert int(state.count) == 1
+  # Infinities are clipped to 1e18 like any huge gradient: everything stays finite.
+  updates, state = tx.update({"w": jnp.array([jnp.inf, 1.0, -jnp.inf]), "b": jnp.ones(2)},
+                             tx.init(params), params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((updates, state)))
 
 
 def _extremes_stay_finite(c):
@@ -401,6 +427,8 @@ TRIGGERS = {
         c.edit_config(lambda d: d.update(weights_sha="0"))),
     "load-config-bad-version": lambda c: optax_learned.load(
         c.edit_config(lambda d: d.update(format_version="1"))),
+    "load-config-version-1": lambda c: optax_learned.load(
+        c.edit_config(lambda d: d.update(format_version=1))),
     "load-config-newer-version": lambda c: optax_learned.load(
         c.edit_config(lambda d: d.update(format_version=optax_learned.FORMAT_VERSION + 1))),
     "load-config-metadata-not-object": lambda c: optax_learned.load(
@@ -408,13 +436,13 @@ TRIGGERS = {
     "load-optimizer-not-object": lambda c: optax_learned.load(
         c.edit_config(lambda d: d.update(optimizer=[1]))),
     "load-optimizer-missing-field": lambda c: optax_learned.load(
-        c.edit_config(lambda d: d["optimizer"].pop("step_mult"))),
+        c.edit_config(lambda d: d["optimizer"].pop("matrix_step"))),
     "load-optimizer-unknown-field": lambda c: optax_learned.load(
         c.edit_config(lambda d: d["optimizer"].update(learning_rate=1.0))),
     "load-optimizer-invalid-value": lambda c: optax_learned.load(
         c.edit_config(lambda d: d["optimizer"].update(hidden_sizes=[-1]))),
     "load-optimizer-nan": lambda c: optax_learned.load(c.write_config(re.sub(
-        r'"step_mult": [^,}\s]+', '"step_mult": NaN',
+        r'"matrix_step": [^,}\s]+', '"matrix_step": NaN',
         (c.checkpoint() / "optimizer.json").read_text()))),
     "load-weights-missing": lambda c: (shutil.rmtree(c.checkpoint() / "weights"),
                                        optax_learned.load(c.checkpoint())),
@@ -441,19 +469,19 @@ TRIGGERS = {
     "save-wrong-shapes": lambda c: optax_learned.save(
         c.tmp / "new", _LOPT, _meta_params(optax_learned.LearnedOptimizer(hidden_sizes=(3,)))),
     "save-nonfinite": lambda c: optax_learned.save(c.tmp / "new", _LOPT, {
-        **_meta_params(), "time_w": _meta_params()["time_w"].at[0, 0].set(jnp.nan)}),
+        **_meta_params(), "log_base_step": _meta_params()["log_base_step"].at[0].set(jnp.nan)}),
     # config
     "config-hidden-sizes-nonpositive": lambda c: optax_learned.LearnedOptimizer(
         hidden_sizes=(0,)),
     "config-hidden-sizes-type": lambda c: optax_learned.LearnedOptimizer(hidden_sizes="32"),
-    "config-momentum-decays-empty": lambda c: optax_learned.LearnedOptimizer(momentum_decays=()),
-    "config-momentum-decays-range": lambda c: optax_learned.LearnedOptimizer(
-        momentum_decays=(1.0,)),
-    "config-second-moment-decay": lambda c: optax_learned.LearnedOptimizer(
-        second_moment_decay=1.0),
+    "config-beta-range": lambda c: optax_learned.LearnedOptimizer(beta1=1.0),
     "config-number-not-finite": lambda c: optax_learned.LearnedOptimizer(
-        step_mult=float("nan")),
+        matrix_step=float("nan")),
     "config-time-scales": lambda c: optax_learned.LearnedOptimizer(time_scales=(0.0,)),
+    "config-step-nonpositive": lambda c: optax_learned.LearnedOptimizer(matrix_step=0.0),
+    "config-max-log-correction": lambda c: optax_learned.LearnedOptimizer(
+        max_log_correction=0.0),
+    "config-gradient-mix": lambda c: optax_learned.LearnedOptimizer(initial_gradient_mix=1.0),
     "config-epsilon": lambda c: optax_learned.LearnedOptimizer(epsilon=0.0),
     "config-activation": lambda c: optax_learned.LearnedOptimizer(activation="swish"),
     "config-skip-nonfinite": lambda c: optax_learned.LearnedOptimizer(skip_nonfinite=1),
@@ -473,6 +501,8 @@ TRIGGERS = {
         {"w": jnp.ones(3)}, _tiny_tx()[1].init(_params()), _params()),
     "update-other-shapes": lambda c: _tiny_tx()[1].update(
         {"w": jnp.ones((3, 1)), "b": jnp.ones(2)}, _tiny_tx()[1].init(_params()), _params()),
+    "update-swapped-arguments": lambda c: _tiny_tx()[1].update(
+        _params(), _params(), _tiny_tx()[1].init(_params())),
     "update-nonfinite-skipped": _skipped_step,
     "update-nonfinite-not-skipped": _nan_propagates,
     "update-extreme-values": _extremes_stay_finite,

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_learned
 from metatrain import configs
 from metatrain import trainer as trainer_lib
 
@@ -222,3 +225,86 @@ def test_init_from_an_exported_optimizer(uninterrupted, tmp_path):
   mismatched = config.with_overrides(["optimizer.hidden_sizes=[4]"])
   with pytest.raises(ValueError, match="holds an optimizer with config"):
     trainer_lib.MetaTrainer(mismatched, tmp_path / "bad", progress=False).init_state()
+
+
+def test_export_and_evaluate_after_a_four_device_run_on_one_device(tmp_path):
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  subprocess.run([sys.executable, "-m", "metatrain", "train", "--config", "quadratic",
+                  "--workdir", str(workdir), "--steps", "4", "--set", "checkpoint_every=4",
+                  "--progress", "lines"], env=env, check=True, capture_output=True, timeout=300)
+  # This process has one device: export restores onto it, and the result loads and updates.
+  assert len(jax.devices()) == 1
+  exported = trainer_lib.export(workdir, tmp_path / "exported")
+  assert oct((exported / "optimizer.json").stat().st_mode & 0o777) == "0o644"
+  tx = optax_learned.load(exported)
+  params = {"w": jnp.ones((3, 2))}
+  updates, _ = tx.update(params, tx.init(params), params)
+  assert np.all(np.isfinite(updates["w"]))
+
+
+def test_a_second_writer_fails_at_once_and_a_killed_runs_lock_does_not_block(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with trainer_lib.workdir_lock(workdir):
+    with pytest.raises(trainer_lib.WorkdirError, match=rf"in use by another .*PID {os.getpid()}"):
+      with trainer_lib.workdir_lock(workdir):
+        pass
+  # A process that took the lock and was killed leaves the file, but not the lock.
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import pathlib, sys, time\n"
+       "from metatrain import trainer\n"
+       "with trainer.workdir_lock(pathlib.Path(sys.argv[1])):\n"
+       "  print('locked', flush=True); time.sleep(60)\n", str(workdir)],
+      stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  with pytest.raises(trainer_lib.WorkdirError, match=f"PID {holder.pid}"):
+    with trainer_lib.workdir_lock(workdir):
+      pass
+  holder.send_signal(signal.SIGKILL)
+  holder.wait(timeout=60)
+  assert (workdir / trainer_lib.LOCK_FILE).exists()
+  with trainer_lib.workdir_lock(workdir):
+    pass
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_says_it_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  process = _train_subprocess(workdir, 400)
+  for line in process.stdout:
+    if line.startswith("step 3/"):
+      process.send_signal(signal.SIGINT)
+      break
+  rest = process.stdout.read()
+  assert process.wait(timeout=120) == 130
+  errors = [line for line in rest.splitlines() if not line.startswith("step ")]
+  assert len(errors) == 1 and "rerun the same command to resume" in errors[0], rest
+  assert "Traceback" not in rest
+  rerun = _train_subprocess(workdir, 6)
+  output = rerun.stdout.read()
+  assert rerun.wait(timeout=300) == 0
+  assert re.search(r"resuming from step \d+", output), output
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+  """``--coordinator/--num-processes/--process-id`` over CPU collectives (gloo)."""
+  base = [sys.executable, "-m", "metatrain", "train", "--config", "quadratic", "--steps", "4",
+          "--set", "checkpoint_every=4", "--progress", "lines"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  processes = [subprocess.Popen(
+      base + ["--workdir", str(tmp_path / "two"), "--coordinator", f"localhost:{port}",
+              "--num-processes", "2", "--process-id", str(i)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  single_env = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  subprocess.run(base + ["--workdir", str(tmp_path / "one")], env=single_env, check=True,
+                 capture_output=True, timeout=300)
+  two = optax_learned.load_weights(trainer_lib.export(tmp_path / "two", tmp_path / "e2"))[1]
+  one = optax_learned.load_weights(trainer_lib.export(tmp_path / "one", tmp_path / "e1"))[1]
+  for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
