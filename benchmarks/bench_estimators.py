@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     lopt = optax_learned.LearnedOptimizer(**run_config.optimizer)
     print(f"\n{task_name}: the {recipe!r} recipe's optimizer {lopt.hidden_sizes} and estimator "
           f"settings (sigma {run_config.sigma}, meta-loss on {run_config.meta_loss_split} every "
-          f"{run_config.meta_loss_every} step(s), particle_chunk {run_config.particle_chunk}, "
+          f"{run_config.meta_loss_every} step(s), particle_chunk "
+          f"{run_config.resolved_particle_chunk}, "
           f"remat {run_config.remat})", flush=True)
     overrides = {"data_dir": args.data_dir} if task_name.startswith("cifar") else {}
     task = families.get_task(task_name, **overrides)

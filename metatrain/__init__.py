@@ -7,19 +7,27 @@ References:
   graphs with persistent evolution strategies", ICML. arXiv:2112.13835.
 """
 
-from metatrain.configs import RunConfig, get_config
-from metatrain.estimators import (
-    Estimator,
-    EstimatorConfig,
-    EstimatorState,
-    antithetic_es_gradient,
-    merge_by_inverse_variance,
-    pathwise_gradient,
-    pes_gradient,
-)
-from metatrain.tasks import Task, get_family, get_task
-from metatrain.trainer import MetaTrainer, WorkdirError, export
-from metatrain.truncation import InnerState, TruncationConfig, unroll
+import importlib
+
+# Names are imported on first use (PEP 562), so that `import metatrain` and `metatrain list`
+# do not load Orbax, matplotlib or the estimators.
+_EXPORTS = {
+    "RunConfig": "configs", "get_config": "configs",
+    "Estimator": "estimators", "EstimatorConfig": "estimators",
+    "EstimatorState": "estimators", "antithetic_es_gradient": "estimators",
+    "merge_by_inverse_variance": "estimators", "pathwise_gradient": "estimators",
+    "pes_gradient": "estimators",
+    "Task": "tasks", "get_family": "tasks", "get_task": "tasks",
+    "MetaTrainer": "trainer", "WorkdirError": "trainer", "export": "trainer",
+    "InnerState": "truncation", "TruncationConfig": "truncation", "unroll": "truncation",
+}
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"metatrain.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'metatrain' has no attribute {name!r}")
+
 
 __all__ = (
     "Estimator",

@@ -5,9 +5,14 @@ Sources, in order of precedence:
 1. A local directory holding ``cifar10_train.npz`` (and optionally ``cifar10_test.npz``), each
    with keys ``x`` (uint8, ``[N, 32, 32, 3]``, NHWC) and ``y`` (integer labels ``[N]``), given
    as ``source`` or through the environment variable ``OPTAX_LEARNED_DATA``.
-2. TFDS ``cifar10`` (``pip install tensorflow-datasets``), imported only when used; prepared
-   data is looked for under ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` before TFDS is
-   touched, because building a TFDS builder for missing data may query remote storage.
+2. TFDS ``cifar10`` (the ``data`` extra: ``tensorflow-datasets``, ``array_record`` and
+   Pillow, no TensorFlow), imported only when used; prepared data is looked for under
+   ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` before TFDS is touched, because building a
+   TFDS builder for missing data may query remote storage. ``download=True`` downloads the
+   archive once (checked against TFDS's registered checksum) and prepares it as ArrayRecord
+   without TensorFlow; reading goes through ``builder.as_data_source()``. A copy prepared
+   earlier as TFRecord is read through ``tf.data`` when TensorFlow is installed; without it,
+   loading fails with a :class:`DataNotFoundError` giving the command that re-prepares it.
 
 The training split is cut into up to three disjoint blocks of rows: ``"train"`` first, then
 ``"valid"`` (``validation_size`` rows), then, when ``holdout_size > 0``, ``"holdout"`` (the
@@ -21,7 +26,9 @@ never touched. A local directory may also hold images already average-pooled to 
 
 import importlib.util
 import os
+import shlex
 import sys
+import tarfile
 import zipfile
 from typing import Any
 
@@ -36,13 +43,20 @@ NUM_CLASSES = 10
 
 Split = dict[str, np.ndarray]
 
+# The commands of the TFDS route, quoted verbatim by the messages, the README and the docs.
+TFDS_INSTALL_COMMAND = 'pip install -e ".[data]"'
+TFDS_DOWNLOAD_COMMAND = (
+    "python -c 'from metatrain import data; data.load_cifar10(\"tfds\", download=True)'")
+TENSORFLOW_INSTALL_COMMAND = "pip install tensorflow"
+_ARRAY_RECORD = "array_record"
+_TFDS_SPLITS = ("train", "test")
+
 _HOW_TO_PROVIDE = (
     f"Provide CIFAR-10 in one of two ways: (1) a directory containing {TRAIN_FILE} (keys "
     f"`x`: uint8 [N, 32, 32, 3], `y`: labels [N]; optionally also {TEST_FILE}), given with "
     f"--data-dir DIR (the metatrain CLI, examples and benchmarks) or the environment variable "
     f"{ENV_VAR}=DIR (or as `source` / a task's `data_dir` from Python); or (2) TFDS: "
-    "`pip install -e \".[data]\"` and download it once with "
-    "`python -c 'from metatrain import data; data.load_cifar10(\"tfds\", download=True)'`."
+    f"`{TFDS_INSTALL_COMMAND}` and download it once with `{TFDS_DOWNLOAD_COMMAND}`."
 )
 
 
@@ -221,14 +235,143 @@ def _load_tfds(download: bool) -> dict[str, Split]:
     raise DataNotFoundError(f"download=True needs tensorflow-datasets. {_HOW_TO_PROVIDE}")
   import tensorflow_datasets as tfds  # noqa: PLC0415 (optional dependency)
 
-  builder = tfds.builder("cifar10")
   if download:
-    builder.download_and_prepare()
-  splits = {}
-  for name in ("train", "test"):
-    arrays = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
-    splits[name] = _validate(f"tfds cifar10[{name}]", arrays["image"], arrays["label"])
-  return splits
+    _require_tf_free_modules("downloading and preparing TFDS cifar10", opencv_will_do=False)
+    # Prepared as ArrayRecord, which TFDS reads without TensorFlow; a copy already prepared
+    # (in either format) is reused as it is.
+    _tf_free_cifar10_builder(tfds, root).download_and_prepare(
+        file_format=_ARRAY_RECORD,
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder = tfds.builder("cifar10", data_dir=root)
+  try:
+    sources = {name: builder.as_data_source(split=name) for name in _TFDS_SPLITS}
+  except NotImplementedError:  # prepared in a format without random access: TFRecord
+    if not _tensorflow_installed():
+      raise DataNotFoundError(_tfrecord_without_tensorflow(builder)) from None
+    return {name: _read_tfds_dataset(tfds, builder, name) for name in _TFDS_SPLITS}
+  except ModuleNotFoundError:
+    _require_tf_free_modules("reading TFDS cifar10")  # array_record, named in the message
+    raise
+  _require_tf_free_modules("reading TFDS cifar10")  # an image decoder for the PNGs
+  return {name: _read_tfds_data_source(name, source) for name, source in sources.items()}
+
+
+def _read_tfds_data_source(split: str, source) -> Split:
+  """Reads one split from a TFDS ArrayRecord data source (no TensorFlow)."""
+  where = f"tfds cifar10[{split}]"
+  rows = [source[i] for i in range(len(source))]
+  if not rows:
+    raise InvalidDataError(f"{where}: the split has no rows")
+  return _validate(where, np.stack([row["image"] for row in rows]),
+                   np.array([row["label"] for row in rows]))
+
+
+def _read_tfds_dataset(tfds, builder, split: str) -> Split:
+  """Reads one split through ``tf.data`` (a TFRecord copy; needs TensorFlow)."""
+  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  return _validate(f"tfds cifar10[{split}]", arrays["image"], arrays["label"])
+
+
+def _tfrecord_without_tensorflow(builder) -> str:
+  version_dir = os.fspath(builder.data_dir)
+  dataset_dir = os.path.dirname(version_dir)  # .../cifar10, above the version directory
+  file_format = getattr(builder.info.file_format, "value", builder.info.file_format)
+  return (
+      f"TFDS cifar10 under {version_dir!r} is prepared as {file_format}, which only "
+      "TensorFlow reads, and TensorFlow is not installed (the `data` extra reads ArrayRecord "
+      "without it). Either re-prepare it as ArrayRecord, keeping the old copy aside: "
+      f"`{_reprepare_command(dataset_dir)}`; or install TensorFlow "
+      f"(`{TENSORFLOW_INSTALL_COMMAND}`), which reads the copy as it is.")
+
+
+def _reprepare_command(dataset_dir: str) -> str:
+  """The shell command that moves a TFRecord copy of TFDS cifar10 aside and prepares ArrayRecord.
+
+  Args:
+    dataset_dir: the TFDS ``cifar10`` directory (the one holding the version directory).
+
+  Returns:
+    ``mv DIR DIR-tfrecord && python -c '...download=True)'``, with the paths shell-quoted.
+  """
+  aside = dataset_dir + "-tfrecord"
+  return f"mv {shlex.quote(dataset_dir)} {shlex.quote(aside)} && {TFDS_DOWNLOAD_COMMAND}"
+
+
+def _require_tf_free_modules(what: str, *, opencv_will_do: bool = True) -> None:
+  """Raises :class:`DataNotFoundError` unless array_record and an image codec are importable."""
+  missing = []
+  if importlib.util.find_spec("array_record") is None:
+    missing.append("array_record")
+  codecs = ("PIL", "cv2") if opencv_will_do else ("PIL",)
+  if all(importlib.util.find_spec(module) is None for module in codecs):
+    missing.append("Pillow")
+  if missing:
+    raise DataNotFoundError(
+        f"{what} without TensorFlow needs {' and '.join(missing)}, which the `data` extra "
+        f"installs: `{TFDS_INSTALL_COMMAND}`. {_HOW_TO_PROVIDE}")
+
+
+def _tensorflow_installed() -> bool:
+  if "tensorflow" in sys.modules:
+    return sys.modules["tensorflow"] is not None
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def _tf_free_cifar10_builder(tfds, root: str):
+  """A TFDS ``cifar10`` builder that downloads and prepares without TensorFlow.
+
+  TFDS's own ``cifar10`` builder reads the archive through ``tf.io.gfile`` and encodes PNGs
+  with ``tf.image``, so preparing it needs TensorFlow even as ArrayRecord. This subclass
+  writes the same dataset (name, version, features, label names, keys and so row order)
+  from the same verified download, reading the archive with :mod:`tarfile` and handing TFDS
+  Pillow images, which it encodes without TensorFlow. The stock builder reads the result.
+  """
+  from tensorflow_datasets.image_classification import cifar  # noqa: PLC0415
+
+  class Cifar10WithoutTensorFlow(cifar.Cifar10, skip_registration=True):
+    name = "cifar10"
+    # The checksums of TFDS's own cifar10 download (size and sha256 of the archive), found
+    # without `code_path`, which needs `importlib_resources` in TFDS 4.9.10.
+    _checksums_path = tfds.core.utils.tfds_path() / "url_checksums" / "cifar10.txt"
+
+    def _split_generators(self, dl_manager):
+      info = self._cifar_info
+      archive = os.fspath(dl_manager.download(info.url))
+      with tarfile.open(archive, "r:gz") as tar:
+        (label_file,) = info.label_files
+        names = _tar_read(tar, info.prefix + label_file).decode().split("\n")
+        self.info.features["label"].names = [name for name in names if name]
+      return {
+          "train": self._examples(archive, "train_", info.train_files),
+          "test": self._examples(archive, "test_", info.test_files),
+      }
+
+    def _examples(self, archive, split_prefix, files):
+      from PIL import Image  # noqa: PLC0415 (part of the `data` extra)
+
+      index = 0
+      with tarfile.open(archive, "r:gz") as tar:
+        for file in files:
+          raw = np.frombuffer(_tar_read(tar, self._cifar_info.prefix + file), np.uint8)
+          records = raw.reshape(-1, 1 + 3 * 32 * 32)
+          images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+          for label, image in zip(records[:, 0], images, strict=True):
+            yield index, {"id": f"{split_prefix}{index:05d}", "label": int(label),
+                          "image": Image.fromarray(np.ascontiguousarray(image))}
+            index += 1
+
+  return Cifar10WithoutTensorFlow(data_dir=root)
+
+
+def _tar_read(tar: tarfile.TarFile, name: str) -> bytes:
+  try:
+    member = tar.extractfile(name)
+  except KeyError:
+    member = None
+  if member is None:
+    raise InvalidDataError(f"{tar.name}: the CIFAR-10 archive has no file {name}")
+  with member:
+    return member.read()
 
 
 def _tfds_installed() -> bool:

@@ -155,8 +155,9 @@ class MetaTrainer:
     if num_particles % len(devices):
       raise ValueError(f"num_tasks * num_pairs = {num_particles} must be divisible by the "
                        f"number of devices ({len(devices)})")
-    if config.particle_chunk % len(devices):
-      raise ValueError(f"particle_chunk = {config.particle_chunk} must be a multiple of the "
+    if config.resolved_particle_chunk % len(devices):
+      raise ValueError(f"particle_chunk = {config.resolved_particle_chunk} must be a multiple "
+                       f"of the "
                        f"number of devices ({len(devices)}) so that each device runs its own "
                        f"particles")
     self.mesh = Mesh(np.asarray(devices), ("particles",))

@@ -1,7 +1,7 @@
 """The small ConvNet on CIFAR-10 of Metz et al. (2019): strided 3x3 convolutions, pool, linear.
 
 The convolution has two implementations computing the same function. ``"lax"`` is
-``lax.conv_general_dilated``. ``"patches"`` (the default) writes the SAME-padded strided
+``lax.conv_general_dilated``. ``"patches"`` (the default on CPU) writes the SAME-padded strided
 convolution as ``k * k`` strided slices of the padded input, concatenated into patches and
 multiplied by the flattened kernel. On XLA:CPU a training step with ``lax.conv`` runs an order
 of magnitude slower inside ``lax.scan`` than from a Python loop (jax-ml/jax#12868), and
@@ -20,7 +20,7 @@ from jax import lax
 from metatrain import data as data_lib
 from metatrain.tasks import base, cifar
 
-CONV_IMPLS = ("patches", "lax")
+CONV_IMPLS = ("auto", "patches", "lax")
 HEADS = ("pool", "flatten")
 # Re-exported for callers that used them from here before the tasks shared a base class.
 ACTIVATIONS, RESOLUTIONS, VALIDATE_ON = cifar.ACTIVATIONS, cifar.RESOLUTIONS, cifar.VALIDATE_ON
@@ -83,13 +83,14 @@ class ConvNetTask(cifar.CifarTask):
     depth: number of convolutions.
     head: ``"pool"`` or ``"flatten"``.
     norm: normalise each convolution's output (a layer norm with scale and offset).
-    conv_impl: ``"patches"`` (fast inside ``scan`` on CPU) or ``"lax"``.
+    conv_impl: ``"patches"`` (fast inside ``scan`` on CPU), ``"lax"``, or ``"auto"`` (the
+      default): ``"patches"`` on CPU and ``"lax"`` on GPU and TPU.
   """
   width: int = 32
   depth: int = 3
   head: str = "pool"
   norm: bool = False
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
 
   def __post_init__(self):
     super().__post_init__()
@@ -130,7 +131,10 @@ class ConvNetTask(cifar.CifarTask):
 
   def logits(self, params: base.Params, image: jax.Array) -> jax.Array:
     chex.assert_shape(image, (None, self.resolution, self.resolution, 3))
-    conv = conv_patches if self.conv_impl == "patches" else conv_lax
+    impl = self.conv_impl
+    if impl == "auto":
+      impl = "patches" if jax.default_backend() == "cpu" else "lax"
+    conv = conv_patches if impl == "patches" else conv_lax
     act = cifar.ACTIVATIONS[self.activation]
     x = image
     for i in range(self.depth):

@@ -144,7 +144,7 @@ class ConvNetFamily(TaskFamily):
   init_scale_range: tuple[float, float] = (0.5, 2.0)
   batch_sizes: tuple[int, ...] = (64, 128)
   resolutions: tuple[int, ...] = (8, 16, 32)
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
   data_dir: str | None = None
   validation_size: int = 5000
   holdout_size: int = 0
@@ -180,7 +180,7 @@ class CifarFamily(TaskFamily):
   init_scale_range: tuple[float, float] = (0.5, 2.0)
   batch_sizes: tuple[int, ...] = (32, 64, 128)
   resolutions: tuple[int, ...] = (8, 16)
-  conv_impl: str = "patches"
+  conv_impl: str = "auto"
   data_dir: str | None = None
   validation_size: int = 5000
   holdout_size: int = 0

@@ -23,7 +23,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from optax_learned._src import errors
 from optax_learned._src.learned_optimizer import LearnedOptimizer, MetaParams
@@ -143,6 +142,7 @@ def save(path: PathLike, lopt: LearnedOptimizer, meta_params: MetaParams, *,
           f"refusing to overwrite {path}: it is not a learned optimizer checkpoint")
     shutil.rmtree(path)
   path.mkdir(parents=True)
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (heavy: loaded when a checkpoint is touched)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path / WEIGHTS_DIR, jax.tree.map(np.asarray, meta_params))
     checkpointer.wait_until_finished()
@@ -225,6 +225,7 @@ def _read(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
   weights = (path / WEIGHTS_DIR).absolute()
   if not weights.is_dir():
     raise errors.CheckpointArraysError(f"{weights}: the weights directory is missing")
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (heavy: loaded when a checkpoint is touched)
   with ocp.StandardCheckpointer() as checkpointer:
     try:
       item_metadata = checkpointer.metadata(weights).item_metadata
