@@ -100,7 +100,12 @@ class RunConfig:
       optax_learned.LearnedOptimizer.from_dict(dict(self.optimizer))
     except (TypeError, ValueError) as e:
       raise ValueError(f"optimizer: {e}") from e
-    self.estimator_config()  # validates the estimator and truncation settings
+    if self.particle_chunk < -1:
+      raise ValueError(f"particle_chunk must be -1 (automatic), 0 or positive, got "
+                       f"{self.particle_chunk}")
+    # Validates the estimator and truncation settings without resolving particle_chunk=-1,
+    # which would start JAX's backend (before jax.distributed.initialize may be called).
+    self.estimator_config(resolve_particle_chunk=False)
     if self.num_task_variants < 1:
       raise ValueError(f"num_task_variants must be >= 1, got {self.num_task_variants}")
     for key in ("steps", "log_every", "checkpoint_every", "max_to_keep"):
@@ -115,11 +120,15 @@ class RunConfig:
     import jax  # noqa: PLC0415 (configs is imported by `metatrain list`, which needs no jax)
     return jax.device_count() if jax.default_backend() == "cpu" else 0
 
-  def estimator_config(self) -> estimators.EstimatorConfig:
-    """The estimator settings of this run."""
+  def estimator_config(self, resolve_particle_chunk: bool = True
+                       ) -> estimators.EstimatorConfig:
+    """The estimator settings of this run (``particle_chunk=-1`` resolved, unless not
+    ``resolve_particle_chunk``: then it counts as 0)."""
+    chunk = (self.resolved_particle_chunk if resolve_particle_chunk
+             else max(self.particle_chunk, 0))
     return estimators.EstimatorConfig(
         estimator=self.estimator, merged_es=self.merged_es, num_tasks=self.num_tasks,
-        num_pairs=self.num_pairs, sigma=self.sigma, particle_chunk=self.resolved_particle_chunk,
+        num_pairs=self.num_pairs, sigma=self.sigma, particle_chunk=chunk,
         truncation=truncation.TruncationConfig(
             truncation_length=self.truncation_length, min_horizon=self.min_horizon,
             max_horizon=self.max_horizon, meta_loss_split=self.meta_loss_split,
