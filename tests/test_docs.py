@@ -400,6 +400,13 @@ def _extra_arguments_ignored(c):
     np.testing.assert_array_equal(a, b)
 
 
+def _workdir_in_use(c):
+  """Trains in a work directory while this process holds its lock (as another run would)."""
+  trainer = _trainer()
+  with trainer.workdir_lock(c.tmp):
+    trainer.MetaTrainer(_quadratic(), c.tmp, progress=False).train()
+
+
 def _evaluate_unknown_optimizer(c):
   from metatrain import evaluation  # pylint: disable=import-outside-toplevel
 
@@ -548,6 +555,7 @@ TRIGGERS = {
     "run-workdir-bad-config": lambda c: (
         (c.tmp / "config.json").write_text("not json"),
         _trainer().MetaTrainer(_quadratic(), c.tmp, progress=False).train()),
+    "run-workdir-in-use": _workdir_in_use,
     "export-not-a-workdir": lambda c: _trainer().export(c.tmp / "nothing", c.tmp / "out"),
     "export-no-checkpoint": lambda c: (
         (c.tmp / "config.json").write_text(json.dumps(_quadratic().to_dict())),
@@ -591,6 +599,8 @@ TRIGGERS = {
     "cli-other-run": lambda c: (
         (c.tmp / "config.json").write_text(json.dumps(_quadratic().to_dict())),
         c.cli("train", "--config", "quadratic", "--workdir", c.tmp, "--set", "sigma=0.5"))[1],
+    "cli-coordinator-incomplete": lambda c: c.cli("train", "--config", "quadratic", "--workdir",
+                                                  c.tmp, "--coordinator", "localhost:1"),
     "cli-export-not-a-workdir": lambda c: c.cli("export", "--workdir", c.tmp / "x", "--out",
                                                 c.tmp / "out"),
     "cli-diagnose-bad-optimizer": lambda c: c.cli("diagnose", "--config", "quadratic", "--out",
