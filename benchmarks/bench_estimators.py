@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,7 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
-from metatrain import configs, estimators, truncation
+from metatrain import configs, estimators, timing, truncation
 from metatrain import data as data_lib
 from metatrain.tasks import base, families
 
@@ -62,19 +61,10 @@ NUM_TASKS = NUM_PAIRS = 8
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds per call of each thunk, called in turn so that load drift hits all alike.
-
-  Each thunk is called once untimed first (warm-up).
-  """
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  """Median seconds per call of each thunk (:func:`metatrain.timing.interleaved_times`, one
+  untimed warm-up round)."""
+  return {name: median for name, (median, _) in
+          timing.interleaved_times(fns, reps=repeats, warmup=1).items()}
 
 
 def _compile(fn: Callable, *args, **jit_kwargs) -> tuple[Callable, float, float]:

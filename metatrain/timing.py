@@ -36,5 +36,6 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], reps: int,
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: (statistics.median(ts), statistics.quantiles(ts, n=10)[0])
+  return {name: (statistics.median(ts),
+                 statistics.quantiles(ts, n=10)[0] if len(ts) > 1 else ts[0])
           for name, ts in times.items()}
