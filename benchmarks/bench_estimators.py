@@ -9,7 +9,8 @@ per estimate),
 divided by inner steps per second of plain Adam training of the same task and batch (a
 jitted Adam step called from a Python loop on one task instance). An estimate counts
 ``particles x truncation_length`` inner steps, with 2 x 64 particles for ES, PES and merged
-(both halves of every antithetic pair train) and 64 for pathwise. Times are medians of
+(both halves of every antithetic pair train) and 64 for pathwise. The Adam loop is
+:class:`metatrain.measurement.TrainingLoop`, and times are medians of
 ``--repeats`` calls after compilation (compile time reported separately); the estimator
 state is threaded through the calls as in meta-training.
 
@@ -21,10 +22,11 @@ second order) and compiled memory.
 
 Usage::
 
-  OPTAX_LEARNED_DATA=/path/to/cifar10 python benchmarks/bench_estimators.py
-  python benchmarks/bench_estimators.py --tasks digits_mlp --repeats 5 --profile
-  python benchmarks/bench_estimators.py --devices 2
-  python benchmarks/bench_estimators.py --set meta_loss_every=20 --set particle_chunk=1
+  OPTAX_LEARNED_DATA=/path/to/cifar10 python -m benchmarks.bench_estimators
+  python -m benchmarks.bench_estimators --tasks digits_mlp --repeats 5 --profile
+  python -m benchmarks.bench_estimators --devices 2
+  python -m benchmarks.bench_estimators --set truncation.meta_loss_every=20 \
+      --set estimator.particle_chunk=1
 
 Targets (ratio of inner steps per second to Adam's): ES and PES >= 0.8, pathwise >= 0.2,
 merged >= 0.2.
@@ -46,7 +48,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
-from metatrain import configs, estimators, timing, truncation
+from metatrain import configs, estimators, measurement, truncation
 from metatrain import data as data_lib
 from metatrain.tasks import base, families
 
@@ -58,13 +60,6 @@ NUM_TASKS = NUM_PAIRS = 8
 
 
 # -- timing ------------------------------------------------------------------------------
-
-
-def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median seconds per call of each thunk (:func:`metatrain.timing.interleaved_times`, one
-  untimed warm-up round)."""
-  return {name: median for name, (median, _) in
-          timing.interleaved_times(fns, reps=repeats, warmup=1).items()}
 
 
 def _compile(fn: Callable, *args, **jit_kwargs) -> tuple[Callable, float, float]:
@@ -91,63 +86,51 @@ def available_bytes() -> float:
 # -- the Adam baseline -------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class TrainingLoop:
-  """A jitted training step of one task instance, called ``num_steps`` times per call.
+def calibrated_loop(task: base.Task, data: base.Data, tx: optax.GradientTransformation,
+                    seconds: float = 0.5) -> tuple[measurement.TrainingLoop, float]:
+  """The training loop of one task instance, ``num_steps`` chosen so a call takes ``seconds``.
 
   The step samples a training batch inside ``jit`` as inner training does and applies
   ``tx`` (``optax.adam`` for the baseline); the dataset is an argument, as in meta-training.
+
+  Args:
+    task: the task instance.
+    data: its device data.
+    tx: the transformation.
+    seconds: the wall-clock a call should take, about.
+
+  Returns:
+    The loop and the seconds of its warm-up (compilation).
   """
-  step: Callable
-  carry: tuple
-  data: base.Data
-  num_steps: int
-  compile_seconds: float
-
-  @classmethod
-  def create(cls, task: base.Task, data: base.Data, tx: optax.GradientTransformation,
-             seconds: float = 0.5) -> "TrainingLoop":
-    """Compiles the step and picks ``num_steps`` so that a call takes about ``seconds``."""
-    def step(params, opt_state, count, data):
-      key = jax.random.fold_in(jax.random.PRNGKey(0), count)
-      loss, grads = jax.value_and_grad(task.loss)(
-          params, task.sample_batch(data, key, "train"))
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, count + 1, loss
-
-    params = task.init_params(jax.random.PRNGKey(0))
-    carry = (params, tx.init(params), jnp.zeros([], jnp.int32))
-    step, compile_seconds, _ = _compile(step, *carry, data, donate_argnums=(0, 1))
-    loop = cls(step, carry, data, 10, compile_seconds)
-    start = time.perf_counter()
-    jax.block_until_ready(loop())
-    loop.num_steps = max(10, int(seconds * 10 / (time.perf_counter() - start)))
-    return loop
-
-  def __call__(self) -> jax.Array:
-    for _ in range(self.num_steps):
-      *carry, loss = self.step(*self.carry, self.data)
-      self.carry = tuple(carry)
-    return loss
+  loop = measurement.TrainingLoop.create(task, tx, data, jax.random.key(0), num_steps=10)
+  start = time.perf_counter()
+  loop.warm_up()
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  jax.block_until_ready(loop())
+  loop.num_steps = max(10, int(seconds * 10 / (time.perf_counter() - start)))
+  return loop, compile_seconds
 
 
 # -- the estimators ----------------------------------------------------------------------
 
 
-def estimator_config(name: str, truncation_length: int,
-                     run_config: configs.RunConfig | None = None) -> estimators.EstimatorConfig:
-  """``run_config``'s estimator settings (default: the ``cifar`` recipe's), 8 x 8 particles."""
+def estimator_settings(name: str, truncation_length: int,
+                       run_config: configs.RunConfig | None = None
+                       ) -> tuple[estimators.EstimatorConfig, truncation.TruncationConfig]:
+  """``run_config``'s estimator and truncation sections (default: the ``cifar`` recipe's),
+  with estimator ``name``, 8 x 8 particles and truncations of ``truncation_length``."""
   run_config = run_config or configs.get_config("cifar")
-  config = run_config.estimator_config()
-  return dataclasses.replace(
-      config, estimator=name, num_tasks=NUM_TASKS, num_pairs=NUM_PAIRS,
-      truncation=dataclasses.replace(config.truncation, truncation_length=truncation_length))
+  return (dataclasses.replace(run_config.estimator, name=name, num_tasks=NUM_TASKS,
+                              num_pairs=NUM_PAIRS),
+          dataclasses.replace(run_config.truncation, length=truncation_length))
 
 
-def inner_steps_per_estimate(config: estimators.EstimatorConfig) -> int:
-  """Particles that train (both halves of a pair for ES-type estimators) x steps."""
-  halves = 1 if config.estimator == "pathwise" else 2
-  return halves * config.num_particles * config.truncation.truncation_length
+def inner_steps_per_estimate(config: estimators.EstimatorConfig,
+                             tcfg: truncation.TruncationConfig) -> int:
+  """Particles that train (both halves of a pair for estimators with an ES side) x steps."""
+  halves = 1 if config.es_side is None else 2
+  return halves * config.num_particles * tcfg.length
 
 
 class EstimatorRun:
@@ -158,8 +141,9 @@ class EstimatorRun:
   """
 
   def __init__(self, task: base.Task, data: base.Data, lopt: optax_learned.LearnedOptimizer,
-               config: estimators.EstimatorConfig, devices: list):
-    est = estimators.Estimator(task, lopt, config)
+               settings: tuple[estimators.EstimatorConfig, truncation.TruncationConfig],
+               devices: list):
+    est = estimators.Estimator(task, lopt, *settings)
     mesh = Mesh(np.asarray(devices), ("particles",))
     replicated = NamedSharding(mesh, PartitionSpec())
     particles = NamedSharding(mesh, PartitionSpec("particles"))
@@ -171,7 +155,7 @@ class EstimatorRun:
     # temp_bytes: compiled temporaries per device.
     self.estimate, self.compile_seconds, self.temp_bytes = _compile(
         est.estimate, self.meta_params, self.state, self.key, self.data, donate_argnums=1)
-    self.inner_steps = inner_steps_per_estimate(config)
+    self.inner_steps = inner_steps_per_estimate(*settings)
 
   def __call__(self) -> Any:
     self.key = jax.random.split(self.key)[0]
@@ -209,8 +193,7 @@ def profile(task: base.Task, data: base.Data, lopt: optax_learned.LearnedOptimiz
   Returns:
     Per piece, ``(microseconds per inner step, compiled temporary memory in MiB)``.
   """
-  config = estimator_config("es", truncation_length)
-  tcfg = config.truncation
+  _, tcfg = estimator_settings("es", truncation_length)
   num = particles
   meta_params = lopt.init(jax.random.PRNGKey(0))
   keys = jax.random.split(jax.random.PRNGKey(1), num)
@@ -256,7 +239,7 @@ def profile(task: base.Task, data: base.Data, lopt: optax_learned.LearnedOptimiz
     return jnp.mean(truncation.unroll(task, lopt, tcfg, theta, state, data)[1].meta_losses)
 
   def unroll_remat(theta, state, data):
-    one_step = dataclasses.replace(tcfg, truncation_length=1)
+    one_step = dataclasses.replace(tcfg, length=1)
     step = jax.checkpoint(lambda t, s: truncation.unroll(task, lopt, one_step, t, s, data))
     _, out = jax.lax.scan(lambda s, _: step(theta, s), state, length=truncation_length)
     return jnp.mean(out.meta_losses)
@@ -282,9 +265,9 @@ def profile(task: base.Task, data: base.Data, lopt: optax_learned.LearnedOptimiz
     steps[name], memory[name] = count * truncation_length, temp_bytes / 2**20
   for name, tx in (("loop_adam", optax.adam(1e-3)),
                    ("loop_lopt", lopt.transform(meta_params))):
-    thunks[name] = TrainingLoop.create(task, data, tx)
+    thunks[name], _ = calibrated_loop(task, data, tx)
     steps[name], memory[name] = thunks[name].num_steps, float("nan")
-  seconds = interleaved_medians(thunks, repeats)
+  seconds = measurement.interleaved_medians(thunks, repeats)
   return {name: (1e6 * seconds[name] / steps[name], memory[name]) for name in thunks}
 
 
@@ -303,14 +286,16 @@ def _device_counts(requested: int) -> list[int]:
 
 
 def _reexec_with_devices(count: int) -> None:
-  """Restarts this script with ``count`` host devices unless XLA_FLAGS already asks for them."""
+  """Restarts this benchmark (``python -m benchmarks.bench_estimators``) with ``count`` host
+  devices unless XLA_FLAGS already asks for them."""
   flags = os.environ.get("XLA_FLAGS", "").split()
   if f"{DEVICE_FLAG}={count}" in flags:
     return
   kept = [f for f in flags if not f.startswith(DEVICE_FLAG)]
   env = {**os.environ, "XLA_FLAGS": " ".join(kept + [f"{DEVICE_FLAG}={count}"])}
   sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+  os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_estimators",
+                             *sys.argv[1:]], env)
 
 
 def bench_task(task: base.Task, lopt: optax_learned.LearnedOptimizer, names: list[str],
@@ -328,18 +313,18 @@ def bench_task(task: base.Task, lopt: optax_learned.LearnedOptimizer, names: lis
     for lack of memory.
   """
   data = task.load_data()
-  adam = TrainingLoop.create(task, data, optax.adam(1e-3))
-  adam_alone = adam.num_steps / interleaved_medians({"adam": adam}, repeats)["adam"]
+  adam, adam_compile_seconds = calibrated_loop(task, data, optax.adam(1e-3))
+  adam_alone = adam.num_steps / measurement.interleaved_medians({"adam": adam}, repeats)["adam"]
   print(f"\n{task.name}: Adam alone {adam_alone:,.0f} steps/s ({1e6 / adam_alone:.0f} us/step, "
-        f"compile {adam.compile_seconds:.1f}s)", flush=True)
+        f"compile {adam_compile_seconds:.1f}s)", flush=True)
   print(f"  {'estimator':<10}{'devices':>8}{'s/estimate':>11}{'steps/s':>10}"
         f"{'Adam st/s':>10}{'ratio':>7}{'alone':>7}{'target':>7}{'compile s':>10}"
         f"{'temp MB':>9}  verdict")
   missed = False
   for name in names:
-    config = estimator_config(name, truncation_length, run_config)
+    settings = estimator_settings(name, truncation_length, run_config)
     for count in device_counts:
-      run = EstimatorRun(task, data, lopt, config, jax.devices()[:count])
+      run = EstimatorRun(task, data, lopt, settings, jax.devices()[:count])
       if count * run.temp_bytes > 0.8 * available_bytes():  # host devices share the RAM
         needed = count * run.temp_bytes / 2**30
         print(f"  {name:<10}{count:>8}  skipped: needs {needed:.1f} GiB of temporaries, "
@@ -347,7 +332,7 @@ def bench_task(task: base.Task, lopt: optax_learned.LearnedOptimizer, names: lis
               f"{run.compile_seconds:.1f}s)", flush=True)
         missed |= count == device_counts[-1]
         continue
-      seconds = interleaved_medians({"estimate": run, "adam": adam}, repeats)
+      seconds = measurement.interleaved_medians({"estimate": run, "adam": adam}, repeats)
       steps_per_second = run.inner_steps / seconds["estimate"]
       adam_steps_per_second = adam.num_steps / seconds["adam"]
       ratio = steps_per_second / adam_steps_per_second
@@ -373,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                            "(default: the one that meta-trains on the task, see RECIPES)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of the recipe, as `metatrain train --set` does "
-                           "(e.g. meta_loss_every=20, particle_chunk=1, remat=true); repeatable")
+                           "(e.g. truncation.meta_loss_every=20, estimator.particle_chunk=1, "
+                           "truncation.remat=true); repeatable")
   parser.add_argument("--repeats", type=int, default=3,
                       help="timed estimates per estimator (median), interleaved with Adam")
   parser.add_argument("--devices", type=int, default=1,
@@ -405,14 +391,15 @@ def main(argv: list[str] | None = None) -> int:
   for task_name in args.tasks:
     recipe = args.config or RECIPES.get(task_name, "cifar")
     run_config = configs.get_config(recipe).with_overrides(
-        [f"truncation_length={args.truncation_length}", f"num_tasks={NUM_TASKS}",
-         f"num_pairs={NUM_PAIRS}", *args.set])
+        [f"truncation.length={args.truncation_length}", f"estimator.num_tasks={NUM_TASKS}",
+         f"estimator.num_pairs={NUM_PAIRS}", *args.set])
     lopt = optax_learned.LearnedOptimizer(**run_config.optimizer)
     print(f"\n{task_name}: the {recipe!r} recipe's optimizer {lopt.hidden_sizes} and estimator "
-          f"settings (sigma {run_config.sigma}, meta-loss on {run_config.meta_loss_split} every "
-          f"{run_config.meta_loss_every} step(s), particle_chunk "
-          f"{run_config.resolved_particle_chunk}, "
-          f"remat {run_config.remat})", flush=True)
+          f"settings (sigma {run_config.estimator.sigma}, meta-loss on "
+          f"{run_config.truncation.meta_loss_split} every "
+          f"{run_config.truncation.meta_loss_every} step(s), particle_chunk "
+          f"{run_config.estimator.resolved_particle_chunk()}, "
+          f"remat {run_config.truncation.remat})", flush=True)
     overrides = {"data_dir": args.data_dir} if task_name.startswith("cifar") else {}
     task = families.get_task(task_name, **overrides)
     missed |= bench_task(task, lopt, args.estimators, args.truncation_length,

@@ -13,10 +13,14 @@ update alone and the optimizer state's bytes per parameter, for
 
 Usage::
 
-  python benchmarks/bench_update.py                      # the default config
-  python benchmarks/bench_update.py --hidden_sizes 32,32 32 16
-  python benchmarks/bench_update.py --reps 300 --models conv32 mlp
-  python benchmarks/bench_update.py --optimizer cifar     # a bundled or saved optimizer
+  python -m benchmarks.bench_update                      # the default config
+  python -m benchmarks.bench_update --hidden_sizes 32,32 32 16
+  python -m benchmarks.bench_update --reps 300 --models conv32 mlp
+  python -m benchmarks.bench_update --optimizer cifar     # a bundled or saved optimizer
+
+The training step is :func:`metatrain.measurement.make_train_step` on a task that trains the
+model on one fixed batch of random images (:class:`FixedBatchTask`), called from a Python
+loop (:class:`metatrain.measurement.TrainingLoop`).
 
 Targets on 2 CPU cores (median step ratio): <= 1.05 for the 32x32 ConvNet, <= 1.20 at
 16x16, <= 1.10 for the MLP.
@@ -26,6 +30,7 @@ printed: on a shared machine it is less affected by other processes.
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -38,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-import optax_learned  # pylint: disable=g-import-not-at-top,wrong-import-position
-from metatrain import timing  # pylint: disable=g-import-not-at-top,wrong-import-position
+import optax_learned
+from metatrain import measurement, timing
+from metatrain.tasks import base
 
 BATCH = 128
 NUM_CLASSES = 10
@@ -80,20 +85,27 @@ def state_bytes_per_param(tx: optax.GradientTransformation, params) -> float:
              if x.shape) / num_params
 
 
-def make_step(model: nn.Module, tx: optax.GradientTransformation) -> Callable[..., Any]:
-  """A jitted full training step: forward, backward, optimizer update, apply."""
+@dataclasses.dataclass(frozen=True)
+class FixedBatchTask(base.Task):
+  """A classifier trained on one fixed batch: the data is the batch, whatever the key.
 
-  def loss_fn(params, images, labels):
-    logits = model.apply({"params": params}, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  Attributes:
+    model: the Flax model, from images ``(batch, size, size, 3)`` to 10 logits.
+    size: the images' height and width.
+  """
+  model: nn.Module
+  size: int
 
-  @jax.jit
-  def step(params, opt_state, images, labels):
-    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def init_params(self, key):
+    return self.model.init(key, jnp.zeros((1, self.size, self.size, 3), jnp.float32))["params"]
 
-  return step
+  def loss(self, params, batch):
+    logits = self.model.apply({"params": params}, batch["images"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+  def sample_batch(self, data, key, split):
+    del key, split
+    return data
 
 
 def make_update(tx: optax.GradientTransformation) -> Callable[..., Any]:
@@ -101,36 +113,24 @@ def make_update(tx: optax.GradientTransformation) -> Callable[..., Any]:
   return jax.jit(lambda grads, opt_state, params: tx.update(grads, opt_state, params))
 
 
-class _Loop:
-  """Calls a training step repeatedly, threading params and optimizer state."""
-
-  def __init__(self, step, params, opt_state, images, labels):
-    self.step, self.params, self.opt_state = step, params, opt_state
-    self.images, self.labels = images, labels
-
-  def __call__(self):
-    self.params, self.opt_state, loss = self.step(self.params, self.opt_state, self.images,
-                                                  self.labels)
-    return loss
-
-
 def bench_model(name: str, candidates: dict[str, optax.GradientTransformation], reps: int,
                 warmup: int) -> dict[str, dict[str, Any]]:
   """(median, p10) step and update times and state bytes per parameter of one model, for
   Adam and each candidate."""
   module, size = MODELS[name]
-  model = module()
+  task = FixedBatchTask(module(), size)
   key_params, key_images, key_labels = jax.random.split(jax.random.key(0), 3)
-  images = jax.random.normal(key_images, (BATCH, size, size, 3), jnp.float32)
-  labels = jax.random.randint(key_labels, (BATCH,), 0, NUM_CLASSES)
-  params = model.init(key_params, images[:1])["params"]
-  grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply({"params": p}, images), labels).mean())(params)
+  data = {"images": jax.random.normal(key_images, (BATCH, size, size, 3), jnp.float32),
+          "labels": jax.random.randint(key_labels, (BATCH,), 0, NUM_CLASSES)}
+  params = task.init_params(key_params)
+  grads = jax.grad(task.loss)(params, data)
 
   txs = {"adam": optax.adam(1e-3), **candidates}
   steps, updates = {}, {}
   for label, tx in txs.items():
-    steps[label] = _Loop(make_step(model, tx), params, tx.init(params), images, labels)
+    steps[label] = measurement.TrainingLoop(
+        measurement.make_train_step(task, tx), measurement.initial_state(task, tx, key_params),
+        key_params, data)
     update, opt_state = make_update(tx), tx.init(params)
     updates[label] = lambda update=update, opt_state=opt_state: update(grads, opt_state, params)
   step_times = timing.interleaved_times(steps, reps, warmup)

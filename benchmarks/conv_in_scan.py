@@ -9,7 +9,7 @@ differentiates through them, so each implementation is timed (per inner step, mi
   (c) vmap:     (b) vmapped over ``--tasks`` task instances (time per vmapped step);
   (d) metagrad: gradient of the final loss of (b) w.r.t. the log learning rate (second order).
 
-Usage: python benchmarks/conv_in_scan.py [--resolutions 32 16] [--batch 128] [--repeats 3]
+Usage: python -m benchmarks.conv_in_scan [--resolutions 32 16] [--batch 128] [--repeats 3]
 Data is synthetic (random uint8 images); no dataset is needed.
 """
 

@@ -4,8 +4,8 @@
 # Runs, in order, and writes everything to one results file ($OUT/device_check.txt):
 #   1. the tests that matter on a GPU: the update against its float64 reference, optax's
 #      common checks (convergence, tree_map_params, inject_hyperparams, jit), Flax training;
-#   2. benchmarks/bench_update.py: step-cost ratios against Adam (ConvNet and wide MLP);
-#   3. benchmarks/bench_estimators.py: estimator throughput against Adam, particles
+#   2. benchmarks.bench_update: step-cost ratios against Adam (ConvNet and wide MLP);
+#   3. benchmarks.bench_estimators: estimator throughput against Adam, particles
 #      vectorised (particle_chunk=0, the GPU default);
 #   4. a short meta-training run of the cifar recipe for $MINUTES minutes (QUICK: 3 steps),
 #      with its meta-steps per second.
@@ -38,7 +38,7 @@ if [ "$QUICK" = 1 ]; then
 else
   TESTS="tests/test_learned_optimizer.py tests/test_optax_conventions.py tests/test_flax_integration.py"
   UPDATE_ARGS="--reps 100"
-  ESTIMATOR_ARGS="--tasks digits_mlp cifar_conv_16 --set particle_chunk=0"
+  ESTIMATOR_ARGS="--tasks digits_mlp cifar_conv_16 --set estimator.particle_chunk=0"
   TRAIN_ARGS="--config cifar --steps 100000"
 fi
 
@@ -48,11 +48,11 @@ run python -m pytest -q -p no:cacheprovider $TESTS
 
 section "bench_update"
 # shellcheck disable=SC2086
-run python benchmarks/bench_update.py $UPDATE_ARGS || true  # a missed target is a result
+run python -m benchmarks.bench_update $UPDATE_ARGS || true  # a missed target is a result
 
 section "bench_estimators"
 # shellcheck disable=SC2086
-run python benchmarks/bench_estimators.py $ESTIMATOR_ARGS || true  # a missed target is a result
+run python -m benchmarks.bench_estimators $ESTIMATOR_ARGS || true  # a missed target is a result
 
 section "meta-training"
 workdir="$OUT/metatrain"

@@ -12,13 +12,14 @@ evaluating another optimizer on the same protocol only trains that optimizer.
 Usage::
 
   export OPTAX_LEARNED_DATA=/path/to/cifar10   # holds cifar10_train.npz
-  python benchmarks/eval_cifar.py path/to/checkpoint               # cifar_conv_32, 1000 steps
-  python benchmarks/eval_cifar.py cifar --tasks all --seeds 5      # bundled name, all variants
-  python benchmarks/eval_cifar.py none --tasks cifar_conv_16       # baselines only
-  python benchmarks/eval_cifar.py ckpt --steps 20 --seeds 1 --learning_rates 1e-3,1e-2  # smoke
+  python -m benchmarks.eval_cifar path/to/checkpoint               # cifar_conv_32, 1000 steps
+  python -m benchmarks.eval_cifar cifar --tasks all --seeds 5      # bundled name, all variants
+  python -m benchmarks.eval_cifar none --tasks cifar_conv_16       # baselines only
+  python -m benchmarks.eval_cifar ckpt --steps 20 --seeds 1 --learning_rates 1e-3,1e-2  # smoke
 
-Outputs per task under ``--out_dir/<task>/``: ``results.json``, ``results.md``,
-``loss_vs_step.png``, ``loss_vs_time.png``.
+Outputs per task under ``--out_dir/<task>/``: ``results.json`` (summaries and final metrics),
+``curves.json`` (the per-step curves), ``results.md``, ``loss_vs_step.png``,
+``loss_vs_time.png``.
 
 The ConvNet runs with ``conv_impl="lax"`` by default: it computes the same function as the
 ``"patches"`` form used in meta-training, and from a Python loop it is the faster of the two on
@@ -29,15 +30,13 @@ settings x 3 seeds x 1000 steps) takes roughly 30-40 minutes for ``cifar_conv_32
 
 import argparse
 import logging
-import os
 import pathlib
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from metatrain import evaluation  # noqa: E402 (after the path setup)
+from metatrain import evaluation
 
 TASKS = ("cifar_conv_32", "cifar_conv_16", "cifar_conv_8", "cifar_conv_32_w64")
 
@@ -90,16 +89,18 @@ def main(argv: list[str] | None = None) -> int:
   if args.batch_size is not None:
     overrides["batch_size"] = args.batch_size
 
+  protocol = evaluation.EvaluationProtocol(
+      steps=args.steps, seeds=args.seeds, eval_every=args.eval_every,
+      num_eval_batches=args.num_eval_batches,
+      baselines=tuple(b for b in args.baselines.split(",") if b),
+      learning_rates=args.learning_rates, timing_reps=args.timing_reps,
+      use_cache=not args.no_cache)
   for name in names:
     out = pathlib.Path(args.out_dir) / name
     start = time.perf_counter()
     results = evaluation.evaluate(
-        optimizer, name, steps=args.steps, seeds=args.seeds, out_dir=out,
-        baselines=tuple(b for b in args.baselines.split(",") if b),
-        learning_rates=args.learning_rates,
-        eval_every=args.eval_every, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        task_overrides=overrides, num_eval_batches=args.num_eval_batches,
-        use_cache=not args.no_cache, timing_reps=args.timing_reps)
+        optimizer, name, out_dir=out, protocol=protocol, data_dir=args.data_dir,
+        cache_dir=args.cache_dir, task_overrides=overrides)
     print(f"\n{name}: {time.perf_counter() - start:.0f} s, results in {out}\n")
     print(evaluation.markdown(results))
   return 0

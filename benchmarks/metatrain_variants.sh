@@ -13,9 +13,9 @@ set -u
 out=$1; first=$2; second=$3; limit1=$4; limit2=$5
 config=${CONFIG:-cifar}
 default_variants="base
-pes --set estimator=pes
+pes --set estimator.name=pes
 merged_h16 --set optimizer.hidden_sizes=[16]
-pes_h16 --set estimator=pes --set optimizer.hidden_sizes=[16]"
+pes_h16 --set estimator.name=pes --set optimizer.hidden_sizes=[16]"
 variants=${VARIANTS:-$default_variants}
 mkdir -p "$out/export"
 run_variant() {

@@ -5,28 +5,25 @@ learning rate: steps (and seconds) to reach that Adam's training loss after ``--
 A learned optimizer can learn a schedule; this benchmark asks how much of a speed-up a
 schedule alone buys. For each shorter budget ``n`` and each peak learning rate it trains Adam
 with a linear warm-up and a cosine decay to zero over exactly ``n`` steps, on the evaluation
-protocol of ``benchmarks/eval_cifar.py`` (evaluation seeds 10000+, validation on the holdout
+protocol of ``benchmarks.eval_cifar`` (evaluation seeds 10000+, validation on the holdout
 rows), and prints the final losses and the step at which the mean training loss reaches the
 target. The last line is the smallest budget that reached it, as a ratio of ``--steps``.
 
 Usage::
 
   export OPTAX_LEARNED_DATA=/path/to/cifar10
-  python benchmarks/scheduled_adam.py                       # cifar_conv_32, budgets 500..800
-  python benchmarks/scheduled_adam.py --budgets 20 --peaks 1e-2 --steps 40 --seeds 1  # smoke
+  python -m benchmarks.scheduled_adam                       # cifar_conv_32, budgets 500..800
+  python -m benchmarks.scheduled_adam --budgets 20 --peaks 1e-2 --steps 40 --seeds 1  # smoke
 """
 
 import argparse
 import logging
-import os
 import sys
 
 import optax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-from eval_cifar import comma_separated  # noqa: E402 (this script's directory)
-
-from metatrain import evaluation, tasks  # noqa: E402
+from benchmarks.eval_cifar import comma_separated
+from metatrain import evaluation, tasks
 
 
 def warmup_cosine_adam(peak: float, budget: int) -> optax.GradientTransformation:

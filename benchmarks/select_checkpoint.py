@@ -12,20 +12,18 @@ final validation loss is printed last.
 Usage::
 
   export OPTAX_LEARNED_DATA=/path/to/cifar10
-  python benchmarks/select_checkpoint.py runs/exp/step_300 runs/exp/step_400 --seeds 2
+  python -m benchmarks.select_checkpoint runs/exp/step_300 runs/exp/step_400 --seeds 2
 """
 
 import argparse
 import logging
 import math
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-import optax_learned  # noqa: E402 (after the path setup)
-from metatrain import evaluation, tasks  # noqa: E402
+import optax_learned
+from metatrain import evaluation, tasks
 
 SELECTION_SEED_OFFSET = 20_000
 

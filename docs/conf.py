@@ -111,6 +111,7 @@ api_coverage_modules = [
     "metatrain.configs",
     "metatrain.evaluation",
     "metatrain.evaluation_report",
+    "metatrain.measurement",
     "metatrain.baseline_cache",
     "metatrain.diagnostics",
     "metatrain.data",

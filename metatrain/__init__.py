@@ -18,7 +18,8 @@ _EXPORTS = {
     "merge_by_inverse_variance": "estimators", "pathwise_gradient": "estimators",
     "pes_gradient": "estimators",
     "Task": "tasks", "get_family": "tasks", "get_task": "tasks",
-    "MetaTrainer": "trainer", "WorkdirError": "trainer", "export": "trainer",
+    "MetaTrainer": "trainer", "MetaTrainState": "trainer", "WorkdirError": "trainer",
+    "export": "trainer",
     "InnerState": "truncation", "TruncationConfig": "truncation", "unroll": "truncation",
 }
 
@@ -34,6 +35,7 @@ __all__ = (
     "EstimatorConfig",
     "EstimatorState",
     "InnerState",
+    "MetaTrainState",
     "MetaTrainer",
     "RunConfig",
     "Task",

@@ -161,7 +161,7 @@ def _dispatch(args) -> int:
     except trainer.Interrupted as interrupt:
       print(f"metatrain train: {interrupt}", file=sys.stderr)
       return 130
-    print(f"meta-trained to step {int(state['step'])}; checkpoints in {args.workdir}")
+    print(f"meta-trained to step {int(state.step)}; checkpoints in {args.workdir}")
     return 0
   if args.command == "export":
     from metatrain import trainer  # pylint: disable=import-outside-toplevel

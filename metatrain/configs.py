@@ -1,23 +1,53 @@
-"""Meta-training run configurations: a flat, JSON-serialisable :class:`RunConfig` and the
-named recipes ``quadratic``, ``digits`` and ``cifar``.
+"""Meta-training run configurations: a JSON-serialisable :class:`RunConfig` and the named
+recipes ``quadratic``, ``digits`` and ``cifar``.
 
-Keys are flat so that the command line can set any of them (``--set sigma=0.003``); the
-learned optimizer's own settings are under ``optimizer`` (``--set optimizer.hidden_sizes=[16]``).
+A run config holds two sections, each defined once, where its code lives:
+``estimator`` (:class:`metatrain.estimators_lib.EstimatorConfig`: which estimator, particles and
+smoothing) and ``truncation`` (:class:`metatrain.truncation_lib.TruncationConfig`: unroll length,
+horizons, meta-loss). The learned optimizer's own settings are the ``optimizer`` dict. The
+command line reaches any field with a dotted key: ``--set estimator.sigma=0.003``,
+``--set truncation.length=50``, ``--set optimizer.hidden_sizes=[16]``.
+
+Configs written before the sections existed (``config.json`` of older runs, the
+``training_config`` of older checkpoints) used flat keys (``sigma``, ``truncation_length``, ...);
+:meth:`RunConfig.from_dict` reads them (:data:`LEGACY_KEYS`), so those runs resume.
 """
 
 import dataclasses
 import json
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import optax_learned
-from metatrain import estimators, truncation
+from metatrain import estimators as estimators_lib
+from metatrain import truncation as truncation_lib
 
-__all__ = ("CONFIGS", "RUN_CONTROL_KEYS", "RunConfig", "get_config")
+__all__ = ("CONFIGS", "LEGACY_KEYS", "RUN_CONTROL_KEYS", "SECTIONS", "RunConfig", "get_config",
+           "nest_legacy_keys")
+
+# The nested sections of a run config and their classes.
+SECTIONS = {"estimator": estimators_lib.EstimatorConfig,
+            "truncation": truncation_lib.TruncationConfig}
+
+# Flat keys of configs written before the sections existed, and where each one lives now.
+LEGACY_KEYS = {
+    "estimator": "estimator.name", "merged_es": "estimator.merged_es",
+    "num_tasks": "estimator.num_tasks", "num_pairs": "estimator.num_pairs",
+    "sigma": "estimator.sigma", "particle_chunk": "estimator.particle_chunk",
+    "truncation_length": "truncation.length", "min_horizon": "truncation.min_horizon",
+    "max_horizon": "truncation.max_horizon", "meta_loss_split": "truncation.meta_loss_split",
+    "log_loss": "truncation.log_loss", "loss_clip": "truncation.loss_clip",
+    "divergence_loss": "truncation.divergence_loss",
+    "meta_loss_every": "truncation.meta_loss_every", "remat": "truncation.remat",
+}
 
 # Keys that steer a run without changing what it computes (up to floating-point rounding, as a
 # different device count does): a run may resume with other values.
 RUN_CONTROL_KEYS = ("steps", "log_every", "checkpoint_every", "max_to_keep", "description",
-                    "particle_chunk", "remat")
+                    "estimator.particle_chunk", "truncation.remat")
+
+_DOTTED = ("optimizer", "task_overrides", *SECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,26 +59,10 @@ class RunConfig:
     task_family: a task family; ``num_task_variants`` tasks are sampled from it with ``seed``.
     num_task_variants: how many task variations are meta-trained on, one per meta-step in turn.
     task_overrides: fields replaced in the task or family (e.g. ``{"batch_size": 64}``).
-    estimator: ``pathwise``, ``es``, ``pes`` or ``merged``.
-    merged_es: the ES side of ``merged``: ``es`` or ``pes``.
-    num_tasks: task instances per meta-step (own initialisation, data and horizon).
-    num_pairs: antithetic pairs per task instance.
-    sigma: Gaussian smoothing scale on the optimizer weights.
-    truncation_length: inner steps per meta-step.
-    min_horizon: shortest inner run (steps).
-    max_horizon: longest inner run; log-uniform between the two.
-    meta_loss_split: ``valid`` or ``train``.
-    log_loss: meta-train on log losses.
-    loss_clip: per-step loss clip before the log.
-    divergence_loss: a training loss above this resets the inner run (counted).
-    meta_loss_every: measure the meta-loss after every this many inner steps (a divisor of
-      ``truncation_length``); larger values skip validation passes.
-    remat: recompute inner steps in the backward pass (``jax.checkpoint``): less memory for
-      ``pathwise`` and ``merged``.
-    particle_chunk: particles vectorised together, the chunks run in turn (0: all at once);
-      with several devices, a multiple of their count. Speed and memory only. -1 (the
-      default) picks by backend: one particle per device at a time (``lax.map``) on CPU,
-      where that measured faster for ConvNets, and all at once (``vmap``) on GPU and TPU.
+    estimator: the estimator section (:class:`~metatrain.estimators_lib.EstimatorConfig`; a dict
+      of its fields is accepted).
+    truncation: the truncation section (:class:`~metatrain.truncation_lib.TruncationConfig`; a
+      dict of its fields is accepted).
     meta_learning_rate: Adam learning rate of the meta-optimizer.
     meta_grad_clip: global-norm clip of meta-gradients before Adam.
     optimizer: fields of :class:`optax_learned.LearnedOptimizer`.
@@ -66,21 +80,10 @@ class RunConfig:
   task_family: str = ""
   num_task_variants: int = 1
   task_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-  estimator: str = "pes"
-  merged_es: str = "pes"
-  num_tasks: int = 8
-  num_pairs: int = 8
-  sigma: float = 0.01
-  truncation_length: int = 20
-  min_horizon: int = 200
-  max_horizon: int = 2000
-  meta_loss_split: str = "valid"
-  log_loss: bool = True
-  loss_clip: float = 5.0
-  divergence_loss: float = 1e4
-  meta_loss_every: int = 1
-  remat: bool = False
-  particle_chunk: int = -1
+  estimator: estimators_lib.EstimatorConfig = dataclasses.field(
+      default_factory=estimators_lib.EstimatorConfig)
+  truncation: truncation_lib.TruncationConfig = dataclasses.field(
+      default_factory=truncation_lib.TruncationConfig)
   meta_learning_rate: float = 1e-3
   meta_grad_clip: float = 1.0
   optimizer: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -94,55 +97,35 @@ class RunConfig:
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      object.__setattr__(self, field.name, _checked(field.name, getattr(self, field.name),
-                                                    field.type))
+      value = getattr(self, field.name)
+      if field.name in SECTIONS:
+        value = _section(field.name, value)
+      else:
+        value = _checked(field.name, value, field.type)
+      object.__setattr__(self, field.name, value)
     try:
       optax_learned.LearnedOptimizer.from_dict(dict(self.optimizer))
     except (TypeError, ValueError) as e:
       raise ValueError(f"optimizer: {e}") from e
-    if self.particle_chunk < -1:
-      raise ValueError(f"particle_chunk must be -1 (automatic), 0 or positive, got "
-                       f"{self.particle_chunk}")
-    # Validates the estimator and truncation settings without resolving particle_chunk=-1,
-    # which would start JAX's backend (before jax.distributed.initialize may be called).
-    self.estimator_config(resolve_particle_chunk=False)
     if self.num_task_variants < 1:
       raise ValueError(f"num_task_variants must be >= 1, got {self.num_task_variants}")
     for key in ("steps", "log_every", "checkpoint_every", "max_to_keep"):
       if getattr(self, key) < 1:
         raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
 
-  @property
-  def resolved_particle_chunk(self) -> int:
-    """``particle_chunk``, with -1 resolved for this process's backend and devices."""
-    if self.particle_chunk != -1:
-      return self.particle_chunk
-    import jax  # noqa: PLC0415 (configs is imported by `metatrain list`, which needs no jax)
-    return jax.device_count() if jax.default_backend() == "cpu" else 0
-
-  def estimator_config(self, resolve_particle_chunk: bool = True
-                       ) -> estimators.EstimatorConfig:
-    """The estimator settings of this run (``particle_chunk=-1`` resolved, unless not
-    ``resolve_particle_chunk``: then it counts as 0)."""
-    chunk = (self.resolved_particle_chunk if resolve_particle_chunk
-             else max(self.particle_chunk, 0))
-    return estimators.EstimatorConfig(
-        estimator=self.estimator, merged_es=self.merged_es, num_tasks=self.num_tasks,
-        num_pairs=self.num_pairs, sigma=self.sigma, particle_chunk=chunk,
-        truncation=truncation.TruncationConfig(
-            truncation_length=self.truncation_length, min_horizon=self.min_horizon,
-            max_horizon=self.max_horizon, meta_loss_split=self.meta_loss_split,
-            log_loss=self.log_loss, loss_clip=self.loss_clip,
-            divergence_loss=self.divergence_loss, meta_loss_every=self.meta_loss_every,
-            remat=self.remat))
-
   def to_dict(self) -> dict[str, Any]:
-    """A JSON-serialisable dict of every key."""
+    """A JSON-serialisable dict of every key (sections as nested dicts)."""
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-    """Builds a config, rejecting unknown keys by name."""
+  def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+    """Builds a config from :meth:`to_dict`'s form, or from the flat keys of older configs.
+
+    Raises:
+      ValueError: an unknown key (naming it and the known ones).
+      TypeError: a value of the wrong type (naming its key).
+    """
+    values = nest_legacy_keys(values)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -152,7 +135,10 @@ class RunConfig:
   def with_overrides(self, assignments: list[str]) -> "RunConfig":
     """Applies ``KEY=VALUE`` strings; values are JSON where they parse, else strings.
 
-    ``optimizer.NAME=VALUE`` and ``task_overrides.NAME=VALUE`` set entries of those dicts.
+    Dotted keys set fields of the sections (``estimator.sigma=0.003``,
+    ``truncation.length=50``) and entries of ``optimizer`` and ``task_overrides``. The flat
+    keys of older configs (``sigma=0.003``) still work, with a ``DeprecationWarning`` naming
+    the new key.
 
     Raises:
       ValueError: a malformed assignment or an unknown key (naming it).
@@ -166,10 +152,18 @@ class RunConfig:
         value = json.loads(text)
       except json.JSONDecodeError:
         value = text
+      if key in LEGACY_KEYS and not (key in SECTIONS and isinstance(value, dict)):
+        warnings.warn(f"config key {key!r} is now {LEGACY_KEYS[key]!r}", DeprecationWarning,
+                      stacklevel=2)
+        key = LEGACY_KEYS[key]
       head, dot, rest = key.partition(".")
       if dot:
-        if head not in ("optimizer", "task_overrides"):
-          raise ValueError(f"only optimizer.* and task_overrides.* take dotted keys, got {key!r}")
+        if head not in _DOTTED:
+          raise ValueError(f"dotted keys are {', '.join(k + '.*' for k in _DOTTED)}; "
+                           f"got {key!r}")
+        if head in SECTIONS and rest not in _field_names(SECTIONS[head]):
+          raise ValueError(f"unknown config key {key!r}; known keys of {head}: "
+                           f"{sorted(_field_names(SECTIONS[head]))}")
         values[head] = {**values[head], rest: value}
       elif key not in values:
         raise ValueError(f"unknown config key {key!r}; known keys: {sorted(values)}")
@@ -178,10 +172,51 @@ class RunConfig:
     return RunConfig.from_dict(values)
 
   def differences(self, other: "RunConfig") -> dict[str, tuple[Any, Any]]:
-    """Keys (other than run-control keys) whose values differ, with both values."""
-    mine, theirs = self.to_dict(), other.to_dict()
+    """Keys (other than run-control keys) whose values differ, with both values; section
+    fields are named by dotted keys."""
+    mine, theirs = _flatten_sections(self.to_dict()), _flatten_sections(other.to_dict())
     return {k: (mine[k], theirs[k]) for k in mine
             if k not in RUN_CONTROL_KEYS and mine[k] != theirs[k]}
+
+
+def _field_names(cls) -> set[str]:
+  return {f.name for f in dataclasses.fields(cls)}
+
+
+def _section(name: str, value: Any):
+  """A section's config from itself or from a dict of its fields (type-checked by key)."""
+  cls = SECTIONS[name]
+  if isinstance(value, cls):
+    return value
+  if not isinstance(value, Mapping):
+    raise TypeError(f"{name} must be a dict of {cls.__name__} fields, got {value!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(value) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown config key(s) {[f'{name}.{k}' for k in unknown]}; known keys "
+                     f"of {name}: {sorted(fields)}")
+  return cls(**{k: _checked(f"{name}.{k}", v, fields[k].type) for k, v in value.items()})
+
+
+def nest_legacy_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+  """A config dict with the flat keys of older configs (:data:`LEGACY_KEYS`) moved into their
+  sections; dicts already nested come back unchanged (as a copy)."""
+  values = dict(values)
+  sections = {name: dict(values[name]) for name in SECTIONS
+              if isinstance(values.get(name), Mapping)}
+  for old, new in LEGACY_KEYS.items():
+    if old in values and not (old in SECTIONS and isinstance(values[old], Mapping)):
+      section, field = new.split(".")
+      sections.setdefault(section, {})[field] = values.pop(old)
+  values.update(sections)
+  return values
+
+
+def _flatten_sections(values: dict[str, Any]) -> dict[str, Any]:
+  flat = {k: v for k, v in values.items() if k not in SECTIONS}
+  for name in SECTIONS:
+    flat.update({f"{name}.{k}": v for k, v in values[name].items()})
+  return flat
 
 
 def _checked(name: str, value: Any, expected: Any) -> Any:
@@ -198,24 +233,29 @@ def _checked(name: str, value: Any, expected: Any) -> Any:
 
 CONFIGS: dict[str, tuple[RunConfig, str]] = {
     "quadratic": (RunConfig(
-        task="linear_regression", estimator="pes", num_tasks=2, num_pairs=2, sigma=0.01,
-        truncation_length=5, min_horizon=20, max_horizon=60, loss_clip=1e3,
+        task="linear_regression",
+        estimator=estimators_lib.EstimatorConfig(name="pes", num_tasks=2, num_pairs=2, sigma=0.01),
+        truncation=truncation_lib.TruncationConfig(length=5, min_horizon=20, max_horizon=60,
+                                               loss_clip=1e3),
         meta_learning_rate=3e-3, optimizer={"hidden_sizes": [8]}, steps=40, log_every=5,
         checkpoint_every=10, description="linear regression smoke test"),
         "seconds: PES on linear regression with a tiny optimizer (used by tests)"),
     "digits": (RunConfig(
-        task="digits_mlp", estimator="pes", num_tasks=4, num_pairs=4, sigma=0.01,
-        truncation_length=10, min_horizon=50, max_horizon=1000, loss_clip=5.0,
+        task="digits_mlp",
+        estimator=estimators_lib.EstimatorConfig(name="pes", num_tasks=4, num_pairs=4, sigma=0.01),
+        truncation=truncation_lib.TruncationConfig(length=10, min_horizon=50, max_horizon=1000,
+                                               loss_clip=5.0),
         meta_learning_rate=3e-3, optimizer={"hidden_sizes": [16]}, steps=1500, log_every=10,
         checkpoint_every=100, description="meta-trained on an MLP on sklearn's 8x8 digits"),
         "about 2 minutes on 2 CPU cores: PES on the digits MLP, validation loss (bundled digits)"),
     "cifar": (RunConfig(
         task="cifar_conv_16", task_family="cifar", num_task_variants=16,
         task_overrides={"holdout_size": 5000, "resolutions": [16, 32]},
-        estimator="pes", num_tasks=8, num_pairs=2, sigma=0.01,
-        truncation_length=20, min_horizon=200, max_horizon=3000, loss_clip=5.0,
-        divergence_loss=20.0, meta_learning_rate=3e-3, optimizer={},
-        steps=20000, seed=12, log_every=20, checkpoint_every=100,
+        estimator=estimators_lib.EstimatorConfig(name="pes", num_tasks=8, num_pairs=2, sigma=0.01),
+        truncation=truncation_lib.TruncationConfig(length=20, min_horizon=200, max_horizon=3000,
+                                               loss_clip=5.0, divergence_loss=20.0),
+        meta_learning_rate=3e-3, optimizer={}, steps=20000, seed=12, log_every=20,
+        checkpoint_every=100,
         description="meta-trained on a broad family of small CIFAR-10 ConvNets and MLPs "
                     "(validation loss, PES)"),
         "the bundled cifar recipe: PES over a broad CIFAR-10 family (ConvNets with pooled "

@@ -19,7 +19,9 @@ and estimator (each costs seconds of XLA compilation on CPU). The unroll is a se
 rematerialised in the backward pass, so memory grows with the number of truncations rather
 than of steps. The particles are those of :meth:`metatrain.estimators.Estimator.init`
 (``num_tasks`` instances of ``num_pairs`` antithetic pairs) and the per-sample gradients are
-the estimators' own formulas. From fresh runs there are no accumulated perturbations yet, so
+the estimators' own formulas (:mod:`metatrain.estimators`: the same perturbations, ES
+formulas, merge and sample statistics; the diagnosis only replaces the unroll by one long
+shared unroll). From fresh runs there are no accumulated perturbations yet, so
 PES coincides with antithetic ES here.
 
 Example::
@@ -49,9 +51,11 @@ import matplotlib
 import numpy as np
 
 import optax_learned
-from metatrain import estimators, trainer, truncation
+from metatrain import estimators, truncation
+from metatrain._json_io import atomic_write, float_array, jsonable
 from metatrain.configs import RunConfig
-from metatrain.tasks import base
+from metatrain.estimators import particles
+from metatrain.tasks import base, build_tasks
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,8 +67,8 @@ DEFAULT_LENGTH_MULTIPLES = (1, 2, 4, 8)
 
 
 def default_lengths(config: RunConfig) -> tuple[int, ...]:
-  """Unroll lengths ``(1, 2, 4, 8) * config.truncation_length``."""
-  return tuple(m * config.truncation_length for m in DEFAULT_LENGTH_MULTIPLES)
+  """Unroll lengths ``(1, 2, 4, 8) * config.truncation.length``."""
+  return tuple(m * config.truncation.length for m in DEFAULT_LENGTH_MULTIPLES)
 
 
 def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | None = None,
@@ -79,7 +83,7 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
       ``num_tasks``, ``num_pairs``, meta-loss split, log loss, clip) are diagnosed.
     out_dir: where ``diagnostics.json`` and the PNG plots are written (created if needed).
     data_dir: dataset directory for tasks that read one (see
-      :func:`metatrain.trainer.build_tasks`).
+      :func:`metatrain.tasks.build_tasks`).
     meta_params: the optimizer weights to diagnose; default ``lopt.init(PRNGKey(seed))``.
     lengths: unroll lengths (inner steps from a fresh run); default
       :func:`default_lengths`. Cost grows with ``max(lengths)`` times ``len(lengths)``.
@@ -92,12 +96,12 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
       perturbations, sequentially (memory stays that of one estimate); statistics are
       averaged over the repeats.
     seed: seeds the weights (by default), the slice direction, the runs and perturbations.
-    task: use this task instead of the config's first one (``build_tasks(config)[0]``).
+    task: use this task instead of the config's first one.
     lopt: use this learned optimizer instead of ``LearnedOptimizer(**config.optimizer)``.
 
   Returns:
     The dict written to ``diagnostics.json``. Lists run over ``lengths`` (sorted) unless
-    said otherwise; non-finite values are written as the strings ``"nan"``/``"inf"``:
+    said otherwise; non-finite values are written as ``null`` (``None``):
 
     * ``lengths``, ``task``, ``seed``, ``num_particles``, ``repeats``, ``config``;
     * ``slice``: ``alphas`` ``[slice_points]``, ``radius``, ``meta_loss``
@@ -111,7 +115,7 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
       the norm of its estimate and its per-sample variance (per-element variance across
       samples, averaged over elements, as ``Estimator`` diagnostics define it; for
       ``merged`` the samples are ``w * pathwise + (1 - w) * es`` with the merge weights);
-    * ``es_weight``: the mean weight the merge gives its ES side (``config.merged_es``);
+    * ``es_weight``: the mean weight the merge gives its ES side (``estimator.merged_es``);
     * ``files``: the file names written into ``out_dir``.
 
   Raises:
@@ -132,26 +136,28 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
-  task = trainer.build_tasks(config, data_dir)[0] if task is None else task
+  if task is None:
+    task = build_tasks(config.task, family=config.task_family, num_variants=1,
+                       overrides=config.task_overrides, seed=config.seed, data_dir=data_dir)[0]
   lopt = optax_learned.LearnedOptimizer(**config.optimizer) if lopt is None else lopt
   key = jax.random.PRNGKey(seed)
   meta_params = lopt.init(key) if meta_params is None else meta_params
   if slice_radius is None:
-    slice_radius = 10.0 * float(_global_norm(meta_params))
+    slice_radius = 10.0 * float(particles.global_norm(meta_params))
   if not slice_radius > 0:
     raise ValueError(f"slice_radius must be positive, got {slice_radius}")
 
-  est_config, num_segments = _estimator_config(config, lengths)
+  est_config, trunc_config, num_segments = _estimator_config(config, lengths)
   repeats = math.ceil(num_samples / est_config.num_particles)
   direction_key, slice_key, estimate_key = jax.random.split(jax.random.fold_in(key, 1), 3)
   data = task.load_data()
   alphas = jnp.linspace(-slice_radius, slice_radius, slice_points)
 
-  static = (task, lopt, est_config, num_segments, lengths)
-  slice_losses = jax.jit(_slice_losses, static_argnums=range(5))(
+  static = (task, lopt, est_config, trunc_config, num_segments, lengths)
+  slice_losses = jax.jit(_slice_losses, static_argnums=range(6))(
       *static, meta_params, _unit_direction(meta_params, direction_key), alphas, slice_key,
       data)
-  stats = jax.jit(_length_statistics, static_argnums=range(5))(
+  stats = jax.jit(_length_statistics, static_argnums=range(6))(
       *static, meta_params, jax.random.split(estimate_key, repeats), data)
   stats = jax.tree.map(lambda s: np.mean(np.asarray(s, np.float64), axis=0), stats)
 
@@ -178,10 +184,10 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
       "files": [JSON_FILE, *PLOT_FILES.values()],
       "config": config.to_dict(),
   }
-  report = _json_safe(report)
+  report = jsonable(report)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / JSON_FILE).write_text(json.dumps(report, indent=2))
+  atomic_write(out_dir / JSON_FILE, json.dumps(report, indent=2))
   _plot(report, out_dir)
   return report
 
@@ -190,22 +196,23 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
 
 
 def _estimator_config(config: RunConfig, lengths: tuple[int, ...]
-                      ) -> tuple[estimators.EstimatorConfig, int]:
+                      ) -> tuple[estimators.EstimatorConfig, truncation.TruncationConfig, int]:
   """The run's estimator settings for fresh unrolls covering ``max(lengths)`` steps.
 
   Returns:
-    ``(est_config, num_segments)``: the unroll is ``num_segments`` truncations of
-    ``config.truncation_length`` steps (at most ``max(lengths)``), enough to cover every
-    length, in one run whose horizon is their total (so it never resets) and without stagger.
-  The meta-loss is measured after every step (``meta_loss_every=1``) so that every prefix
-  length is scored.
+    ``(est_config, trunc_config, num_segments)``: the unroll is ``num_segments``
+    truncations of ``config.truncation.length`` steps (at most ``max(lengths)``), enough to
+    cover every length, in one run whose horizon is their total (so it never resets) and
+    without stagger. The meta-loss is measured after every step (``meta_loss_every=1``) so
+    that every prefix length is scored.
   """
-  segment = min(config.truncation_length, max(lengths))
+  segment = min(config.truncation.length, max(lengths))
   num_segments = math.ceil(max(lengths) / segment)
-  est_config = config.estimator_config()
-  return dataclasses.replace(est_config, estimator="es", truncation=dataclasses.replace(
-      est_config.truncation, truncation_length=segment, min_horizon=segment * num_segments,
-      max_horizon=segment * num_segments, stagger=False, meta_loss_every=1)), num_segments
+  est_config = dataclasses.replace(config.estimator, name="es")
+  trunc_config = dataclasses.replace(
+      config.truncation, length=segment, min_horizon=segment * num_segments,
+      max_horizon=segment * num_segments, stagger=False, meta_loss_every=1)
+  return est_config, trunc_config, num_segments
 
 
 def _long_unroll(task: base.Task, lopt: truncation.LearnedOptimizerLike,
@@ -232,7 +239,8 @@ def _prefix_means(losses: jax.Array, lengths: tuple[int, ...]) -> jax.Array:
 
 
 def _slice_losses(task: base.Task, lopt: truncation.LearnedOptimizerLike,
-                  config: estimators.EstimatorConfig, num_segments: int,
+                  config: estimators.EstimatorConfig, trunc: truncation.TruncationConfig,
+                  num_segments: int,
                   lengths: tuple[int, ...], meta_params: MetaParams, direction: MetaParams,
                   alphas: jax.Array, key: chex.PRNGKey, data: base.Data) -> jax.Array:
   """Meta-losses ``[len(lengths), len(alphas)]`` at ``meta_params + alpha * direction``.
@@ -244,8 +252,8 @@ def _slice_losses(task: base.Task, lopt: truncation.LearnedOptimizerLike,
 
   def loss(alpha, run_key):
     theta = jax.tree.map(lambda m, d: m + alpha * d, meta_params, direction)
-    state = truncation.init_inner_state(task, lopt, theta, config.truncation, run_key)
-    out = _long_unroll(task, lopt, config.truncation, num_segments, theta, state, data)
+    state = truncation.init_inner_state(task, lopt, theta, trunc, run_key)
+    out = _long_unroll(task, lopt, trunc, num_segments, theta, state, data)
     return _prefix_means(out.meta_losses, lengths)
 
   losses = jax.vmap(jax.vmap(loss, in_axes=(None, 0)), in_axes=(0, None))(alphas, run_keys)
@@ -253,24 +261,26 @@ def _slice_losses(task: base.Task, lopt: truncation.LearnedOptimizerLike,
 
 
 def _length_statistics(task: base.Task, lopt: truncation.LearnedOptimizerLike,
-                       config: estimators.EstimatorConfig, num_segments: int,
+                       config: estimators.EstimatorConfig, trunc: truncation.TruncationConfig,
+                       num_segments: int,
                        lengths: tuple[int, ...], meta_params: MetaParams, keys: jax.Array,
                        data: base.Data) -> dict[str, Any]:
   """Per-length estimator statistics, one row per key (``lax.map``: sequential repeats)."""
-  return jax.lax.map(lambda k: _one_estimate(task, lopt, config, num_segments, lengths,
+  return jax.lax.map(lambda k: _one_estimate(task, lopt, config, trunc, num_segments, lengths,
                                              meta_params, k, data), keys)
 
 
 def _one_estimate(task: base.Task, lopt: truncation.LearnedOptimizerLike,
-                  config: estimators.EstimatorConfig, num_segments: int,
+                  config: estimators.EstimatorConfig, trunc: truncation.TruncationConfig,
+                  num_segments: int,
                   lengths: tuple[int, ...], meta_params: MetaParams, key: chex.PRNGKey,
                   data: base.Data) -> dict[str, Any]:
   """Every estimator's samples for every length from one set of antithetic particles."""
-  unroll = functools.partial(_long_unroll, task, lopt, config.truncation, num_segments)
+  unroll = functools.partial(_long_unroll, task, lopt, trunc, num_segments)
   init_key, eps_key = jax.random.split(key)
-  states = estimators.Estimator(task, lopt, config).init(meta_params, init_key, data).positive
-  eps = jax.tree.map(lambda e: config.sigma * e,
-                     _normal_like(meta_params, eps_key, config.num_particles))
+  states = estimators.Estimator(task, lopt, config, trunc).init(meta_params, init_key,
+                                                                data).positive
+  eps = particles.sample_perturbations(meta_params, eps_key, config.num_particles, config.sigma)
   theta_pos = jax.tree.map(jnp.add, meta_params, eps)
   theta_neg = jax.tree.map(jnp.subtract, meta_params, eps)
 
@@ -302,66 +312,31 @@ def _one_estimate(task: base.Task, lopt: truncation.LearnedOptimizerLike,
     samples["merged"] = jax.tree.map(
         lambda rp, es, w: (1 - w) * rp + w * es,
         samples["pathwise"], samples[config.merged_es], es_weight)
-    sample_norms = jax.vmap(_global_norm)(samples["pathwise"])
+    sample_norms = jax.vmap(particles.global_norm)(samples["pathwise"])
     rows.append({
         "meta_loss": 0.5 * (jnp.mean(out_pos.meta_losses[:, :length])
                             + jnp.mean(out_neg.meta_losses[:, :length])),
-        "norm": {name: _global_norm(jax.tree.map(lambda s: jnp.mean(s, axis=0), s))
+        "norm": {name: particles.global_norm(particles.mean_over_samples(s))
                  for name, s in samples.items()},
-        "variance": {name: _mean_variance(s) for name, s in samples.items()},
+        "variance": {name: particles.mean_variance(s) for name, s in samples.items()},
         "pathwise_sample_norm": jnp.sqrt(jnp.mean(jnp.square(sample_norms))),
-        "es_weight": _mean_over_elements(es_weight),
+        "es_weight": particles.mean_over_elements(es_weight),
     })
   return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
 
-def _normal_like(tree: MetaParams, key: chex.PRNGKey, num: int | None = None) -> MetaParams:
-  """Standard normal draws shaped like ``tree`` (with a leading ``[num]`` axis if given)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves))
-  lead = () if num is None else (num,)
-  return treedef.unflatten([
-      jax.random.normal(k, lead + jnp.shape(leaf), jnp.result_type(leaf))
-      for k, leaf in zip(keys, leaves, strict=True)])
-
-
 def _unit_direction(tree: MetaParams, key: chex.PRNGKey) -> MetaParams:
   """A uniformly random direction of unit global norm, shaped like ``tree``."""
-  direction = _normal_like(tree, key)
-  norm = _global_norm(direction)
+  direction = particles.normal_like(tree, key)
+  norm = particles.global_norm(direction)
   return jax.tree.map(lambda d: d / norm, direction)
-
-
-def _global_norm(tree: MetaParams) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def _mean_over_elements(tree: MetaParams) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
-  return sum(jnp.sum(x) for x in leaves) / sum(x.size for x in leaves)
-
-
-def _mean_variance(samples: MetaParams) -> jax.Array:
-  """Per-element variance across the leading sample axis, averaged over all elements."""
-  return _mean_over_elements(jax.tree.map(lambda s: jnp.var(s, axis=0), samples))
 
 
 # -- output ------------------------------------------------------------------------------
 
 
-def _json_safe(value: Any) -> Any:
-  """Replaces non-finite floats (not valid JSON) by ``"nan"``, ``"inf"`` or ``"-inf"``."""
-  if isinstance(value, dict):
-    return {k: _json_safe(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_json_safe(v) for v in value]
-  if isinstance(value, float) and not math.isfinite(value):
-    return str(value)
-  return value
-
-
 def _as_floats(values: list) -> np.ndarray:
-  return np.asarray([float(v) for v in values], np.float64)
+  return float_array(values)
 
 
 def _plot(report: dict[str, Any], out_dir: pathlib.Path) -> None:

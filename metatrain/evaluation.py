@@ -1,24 +1,16 @@
 """Evaluation of a learned optimizer against tuned Adam, SGD with momentum and RMSProp.
 
-Protocol (:func:`evaluate`):
+The protocol (:func:`evaluate`, configured by an :class:`EvaluationProtocol`):
 
 * Every optimizer trains the same task for ``steps`` steps from ``seeds`` seeds. Seed ``s``
   becomes the PRNG key ``10_000 + s`` (:data:`EVAL_SEED_OFFSET`), split into an
   initialisation key and a batch key; meta-training uses small seeds, so evaluation runs never
   reuse a meta-training initialisation or batch stream. All optimizers share these keys.
-* A jitted training step (batch sampled inside ``jit`` from ``fold_in(batch_key, step)``, data
-  passed as a device argument) is called from a Python loop, not ``lax.scan``: on XLA:CPU
-  convolutions inside ``scan`` are much slower (jax-ml/jax#12868).
-* Every ``eval_every`` steps (and at steps 0 and ``steps``) the parameters are evaluated on a
-  fixed set of ``num_eval_batches`` training batches ("training loss") and the same number of
-  validation batches (validation loss and accuracy). These batches are the same for every
-  optimizer, learning rate and seed. The mean minibatch loss of the steps since the previous
-  evaluation is kept too (``train_loss_window``).
-* Wall-clock seconds count the training steps only: compilation happens in a two-step warm-up
-  on copies of the initial state, and each chunk of steps is timed up to
-  ``block_until_ready`` before the (untimed) evaluation.
-* A run whose evaluated losses become NaN or infinite stops there; its remaining points are
-  NaN and it is marked ``diverged``.
+* The runs are measured by :mod:`metatrain.measurement`: a jitted training step called from a
+  Python loop, evaluation every ``eval_every`` steps (and at steps 0 and ``steps``) on
+  ``num_eval_batches`` fixed training and validation batches, the same for every optimizer,
+  learning rate and seed; wall-clock seconds of the training steps only; a run whose
+  evaluated losses become NaN or infinite stops there and is marked ``diverged``.
 * Each baseline's learning rate is the one of the grid with the lowest final validation loss
   (mean over seeds); the best baseline is the tuned baseline with the lowest final validation
   loss.
@@ -35,14 +27,18 @@ Protocol (:func:`evaluate`):
 
 * Step cost, measured interleaved: wall-clock seconds of separate runs are distorted when the
   machine's load changes between them. After training, the learned optimizer's step and each
-  tuned baseline's step are timed in turn, ``timing_reps`` rounds of ``TIMING_STEPS`` steps
-  each, and the median per-step costs give ``step_cost_ratio``; ``interleaved_time_ratio`` is
-  ``steps_ratio * step_cost_ratio``, the wall-clock ratio to the target at equal load.
+  tuned baseline's step are timed in turn
+  (:func:`~metatrain.measurement.interleaved_step_seconds`), ``timing_reps`` rounds of
+  ``TIMING_STEPS`` steps each, and the median per-step costs give ``step_cost_ratio``;
+  ``interleaved_time_ratio`` is ``steps_ratio * step_cost_ratio``, the wall-clock ratio to
+  the target at equal load.
 
 Baseline runs are cached, one JSON file per (baseline, learning rate): see
 :mod:`metatrain.baseline_cache`. Reports are written by :mod:`metatrain.evaluation_report`,
 whose :func:`~metatrain.evaluation_report.markdown` and
-:func:`~metatrain.evaluation_report.write_outputs` this module re-exports.
+:func:`~metatrain.evaluation_report.write_outputs` this module re-exports, as it re-exports
+the names of :mod:`metatrain.measurement` it was the home of (``eval_steps``,
+``default_eval_every``, ``mean_curves``, ``interleaved_step_seconds``, ...).
 """
 
 import dataclasses
@@ -52,34 +48,36 @@ import math
 import os
 import pathlib
 import platform
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import optax_learned
-from metatrain import baseline_cache
+from metatrain import baseline_cache, configs, measurement
 from metatrain import tasks as tasks_lib
 from metatrain._json_io import float_array, jsonable, lr_key
 from metatrain.evaluation_report import markdown, write_outputs  # noqa: F401 (re-exported)
+from metatrain.measurement import (  # noqa: F401 (re-exported: this module was their home)
+    DEFAULT_NUM_EVAL_BATCHES,
+    EVAL_SEED_OFFSET,
+    TIMING_STEPS,
+    Run,
+    default_eval_every,
+    eval_steps,
+    interleaved_step_seconds,
+    mean_curves,
+)
 from metatrain.tasks import base
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-EVAL_SEED_OFFSET = 10_000
 STABILITY_TOLERANCE = 1.05
 DEFAULT_CACHE_DIR = "~/.cache/optax_learned/baselines"
-DEFAULT_NUM_EVAL_BATCHES = 10
-# Steps per optimizer per round of the interleaved step-cost measurement.
-TIMING_STEPS = 10
-# The fixed key of the evaluation batches (the same for every optimizer, seed and run).
-_EVAL_BATCH_SEED = 987_654_321
 
 
 def sgd_momentum(learning_rate: float) -> optax.GradientTransformation:
@@ -105,34 +103,10 @@ DEFAULT_LEARNING_RATES: dict[str, tuple[float, ...]] = {
     "rmsprop": _log_grid(1e-4, 1e-1, 7),
 }
 
-Run = dict[str, Any]
 LearningRates = Sequence[float] | Mapping[str, Sequence[float]]
 
 
 # -- training one transformation ----------------------------------------------------------
-
-
-def _make_train_step(task: base.Task, tx: optax.GradientTransformation) -> Callable:
-  """A jitted step ``(params, opt_state, loss_sum, t, batch_key, data) -> (.., loss_sum, t+1)``.
-
-  The batch key of step ``t`` is ``fold_in(batch_key, t)``; ``loss_sum`` accumulates the
-  minibatch losses on the device so that the loop never waits for them.
-  """
-
-  def step(params, opt_state, loss_sum, t, batch_key, data):
-    batch = task.sample_batch(data, jax.random.fold_in(batch_key, t), "train")
-    loss, grads = jax.value_and_grad(task.loss)(params, batch)
-    chex.assert_rank(loss, 0)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss_sum + loss, t + 1
-
-  return jax.jit(step, donate_argnums=(0, 1, 2, 3))
-
-
-@functools.lru_cache(maxsize=32)
-def _baseline_train_step(task: base.Task, baseline: str) -> Callable:
-  """One jitted step for every learning rate of a baseline: the rate lives in the state."""
-  return _make_train_step(task, _baseline(baseline, 1.0))
 
 
 def _baseline(name: str, learning_rate: float) -> optax.GradientTransformation:
@@ -140,28 +114,10 @@ def _baseline(name: str, learning_rate: float) -> optax.GradientTransformation:
   return optax.inject_hyperparams(BASELINES[name])(learning_rate=learning_rate)
 
 
-@functools.lru_cache(maxsize=16)
-def _eval_fn(task: base.Task, num_batches: int) -> Callable:
-  """Jitted ``(params, data) -> {train_loss, valid_loss, accuracy}`` on fixed batches."""
-  keys = jax.random.split(jax.random.key(_EVAL_BATCH_SEED), num_batches)
-
-  def evaluate_params(params, data):
-    def on_batch(key, split):
-      batch = task.sample_batch(data, key, split)
-      return task.loss(params, batch), task.accuracy(params, batch)
-
-    train_loss, _ = jax.vmap(lambda k: on_batch(k, "train"))(keys)
-    valid_loss, accuracy = jax.vmap(lambda k: on_batch(k, "valid"))(keys)
-    return {"train_loss": jnp.mean(train_loss), "valid_loss": jnp.mean(valid_loss),
-            "accuracy": None if accuracy is None else jnp.mean(accuracy)}
-
-  return jax.jit(evaluate_params)
-
-
-def eval_steps(steps: int, eval_every: int) -> list[int]:
-  """The steps at which a run is evaluated: 0, every ``eval_every`` steps, and ``steps``."""
-  points = list(range(0, steps, eval_every))
-  return points + [steps]
+@functools.lru_cache(maxsize=32)
+def _baseline_train_step(task: base.Task, baseline: str) -> Callable:
+  """One jitted step for every learning rate of a baseline: the rate lives in the state."""
+  return measurement.make_train_step(task, _baseline(baseline, 1.0))
 
 
 def evaluate_transformation(
@@ -176,6 +132,8 @@ def evaluate_transformation(
     seed_offset: int = EVAL_SEED_OFFSET,
 ) -> Run:
   """Trains ``task`` with ``tx`` from several seeds and records learning curves.
+
+  The runs of :func:`metatrain.measurement.train`.
 
   Args:
     tx: any Optax transformation; ``update`` is called with ``params``.
@@ -195,11 +153,14 @@ def evaluate_transformation(
     (cumulative training wall-clock); per seed ``seconds_per_step`` and ``diverged``;
     ``compile_seconds`` (the warm-up); and ``mean``, the means over seeds of the curves
     and of ``seconds_per_step``. Values after a divergence are NaN.
+
+  Raises:
+    ValueError: an unknown task name or a count that is not a positive integer.
   """
   task = tasks_lib.get_task(task) if isinstance(task, str) else task
-  return _train(tx, _make_train_step(task, tx), task, steps=steps, seeds=seeds,
-                eval_every=eval_every, num_eval_batches=num_eval_batches, data=data,
-                seed_offset=seed_offset)
+  return measurement.train(tx, task, steps=steps, seeds=seeds, eval_every=eval_every,
+                           num_eval_batches=num_eval_batches, data=data,
+                           seed_offset=seed_offset)
 
 
 def train_baseline(
@@ -221,97 +182,15 @@ def train_baseline(
 
   Returns:
     The run, as :func:`evaluate_transformation` returns it.
+
+  Raises:
+    ValueError: an unknown baseline or task name, or a count that is not a positive integer.
   """
   if name not in BASELINES:
     raise ValueError(f"unknown baseline {name!r}; known: {sorted(BASELINES)}")
   task = tasks_lib.get_task(task) if isinstance(task, str) else task
-  return _train(_baseline(name, learning_rate), _baseline_train_step(task, name), task,
-                **kwargs)
-
-
-def _train(tx: optax.GradientTransformation, train_step: Callable, task: base.Task, *,
-           steps: int = 1000, seeds: int = 3, eval_every: int | None = None,
-           num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES, data: base.Data | None = None,
-           seed_offset: int = EVAL_SEED_OFFSET) -> Run:
-  """:func:`evaluate_transformation` with a given jitted step (see ``_make_train_step``)."""
-  eval_every = default_eval_every(steps) if eval_every is None else eval_every
-  _check_positive(steps=steps, seeds=seeds, eval_every=eval_every,
-                  num_eval_batches=num_eval_batches)
-  data = task.load_data() if data is None else data
-  points = eval_steps(steps, eval_every)
-  evaluate_params = _eval_fn(task, num_eval_batches)
-
-  # Warm-up on copies: compiles the step for the initial state and for its outputs (which
-  # may differ in weak types), and the evaluation.
-  start = time.perf_counter()
-  init_key, batch_key = jax.random.split(jax.random.key(seed_offset))
-  params = task.init_params(init_key)
-  state = (params, tx.init(params), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
-  for _ in range(2):
-    state = train_step(*jax.tree.map(jnp.copy, state), batch_key, data)
-  jax.block_until_ready(evaluate_params(state[0], data))
-  compile_seconds = time.perf_counter() - start
-
-  records = [_train_seed(task, tx, train_step, evaluate_params, data, points, seed_offset + s)
-             for s in range(seeds)]
-  run: Run = {key: [r[key] for r in records] for key in records[0]}
-  run = {"steps": points, "seeds": run.pop("seed"), **run, "compile_seconds": compile_seconds}
-  if all(a is None for a in run["accuracy"]):
-    run["accuracy"] = None
-  run["mean"] = mean_curves(run)
-  return run
-
-
-def _train_seed(task: base.Task, tx: optax.GradientTransformation, train_step: Callable,
-                evaluate_params: Callable, data: base.Data, points: list[int],
-                seed: int) -> dict[str, Any]:
-  """One seed's curves; see :func:`evaluate_transformation`."""
-  init_key, batch_key = jax.random.split(jax.random.key(seed))
-  params = task.init_params(init_key)
-  chex.assert_tree_all_finite(params)
-  # Copies: the step donates its inputs, and an initial state may share buffers.
-  params, opt_state = jax.tree.map(jnp.copy, (params, tx.init(params)))
-  t = jnp.zeros([], jnp.int32)
-  nan = float("nan")
-  curves = {name: [nan] * len(points) for name in
-            ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds")}
-  seconds, has_accuracy, diverged, done = 0.0, True, False, 0
-
-  for i, point in enumerate(points):
-    if i > 0:
-      loss_sum = jnp.zeros([], jnp.float32)
-      start = time.perf_counter()
-      for _ in range(point - points[i - 1]):
-        params, opt_state, loss_sum, t = train_step(params, opt_state, loss_sum, t, batch_key,
-                                                    data)
-      jax.block_until_ready((params, opt_state, loss_sum))
-      seconds += time.perf_counter() - start
-      done = point
-      curves["train_loss_window"][i] = float(loss_sum) / (point - points[i - 1])
-    metrics = jax.device_get(evaluate_params(params, data))
-    curves["seconds"][i] = seconds
-    curves["train_loss"][i] = float(metrics["train_loss"])
-    curves["valid_loss"][i] = float(metrics["valid_loss"])
-    has_accuracy = metrics["accuracy"] is not None
-    if has_accuracy:
-      curves["accuracy"][i] = float(metrics["accuracy"])
-    if not (math.isfinite(curves["train_loss"][i]) and math.isfinite(curves["valid_loss"][i])):
-      diverged = True
-      logger.info("seed %d diverged at step %d; stopping this run", seed, point)
-      break
-
-  return {"seed": seed, **curves, "accuracy": curves["accuracy"] if has_accuracy else None,
-          "seconds_per_step": seconds / done if done else nan, "diverged": diverged}
-
-
-def mean_curves(run: Run) -> dict[str, Any]:
-  """Means over seeds of a run's curves (lists) and of its ``seconds_per_step`` (a float)."""
-  means = {}
-  for name in ("train_loss", "train_loss_window", "valid_loss", "accuracy", "seconds"):
-    if run.get(name) is not None:
-      means[name] = np.mean(float_array(run[name]), axis=0).tolist()
-  means["seconds_per_step"] = float(np.mean(float_array(run["seconds_per_step"])))
-  return means
+  return measurement.train(_baseline(name, learning_rate), task,
+                           train_step=_baseline_train_step(task, name), **kwargs)
 
 
 # -- summary math -------------------------------------------------------------------------
@@ -374,47 +253,6 @@ def best_learning_rate(runs: Mapping[float, Run]) -> float:
   return min(scores, key=scores.get)
 
 
-def interleaved_step_seconds(txs: dict[str, optax.GradientTransformation], task: base.Task,
-                             data: base.Data, reps: int, steps: int | None = None
-                             ) -> dict[str, float]:
-  """Median seconds per training step of each transformation, timed in turn.
-
-  Each round times ``steps`` (default :data:`TIMING_STEPS`) steps of every transformation one
-  after another, so that changes in the machine's load hit all of them alike.
-
-  Args:
-    txs: the transformations by name.
-    task: the task they train.
-    data: its device data.
-    reps: timed rounds (after one untimed warm-up round).
-    steps: steps per transformation per round.
-
-  Returns:
-    The median over rounds of seconds per step, by name.
-  """
-  steps = TIMING_STEPS if steps is None else steps
-  _check_positive(reps=reps, steps=steps)
-  key = jax.random.key(EVAL_SEED_OFFSET)
-  loops = {}
-  for name, tx in txs.items():
-    params = task.init_params(key)
-    state = jax.tree.map(jnp.copy, (params, tx.init(params), jnp.zeros([], jnp.float32),
-                                    jnp.zeros([], jnp.int32)))
-    loops[name] = [_make_train_step(task, tx), state]
-  times = {name: [] for name in txs}
-  for rep in range(reps + 1):
-    for name, loop in loops.items():
-      step, state = loop
-      start = time.perf_counter()
-      for _ in range(steps):
-        state = step(*state, key, data)
-      jax.block_until_ready(state)
-      loop[1] = state
-      if rep:  # round 0 compiles and warms up
-        times[name].append((time.perf_counter() - start) / steps)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def compare(learned: Run, baseline: Run) -> dict[str, Any]:
   """Time to the baseline's final training loss, for both runs, and final metrics."""
   base_metrics, learned_metrics = final_metrics(baseline), final_metrics(learned)
@@ -436,22 +274,79 @@ def compare(learned: Run, baseline: Run) -> dict[str, Any]:
 # -- the full evaluation ------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationProtocol:
+  """What :func:`evaluate` runs: the training runs, the tuning grids and the timing.
+
+  Validated on construction (and by ``dataclasses.replace``).
+
+  Attributes:
+    steps: training steps per run.
+    seeds: seeds per optimizer and learning rate (PRNG seeds ``EVAL_SEED_OFFSET + s``).
+    eval_every: steps between evaluations (``None``: :func:`default_eval_every` of
+      ``steps``; see :attr:`resolved_eval_every`).
+    num_eval_batches: fixed training and validation batches per evaluation.
+    baselines: keys of :data:`BASELINES`.
+    learning_rates: one grid for every baseline, or a mapping from baseline to grid (a
+      baseline it does not name gets its default); ``None``: :data:`DEFAULT_LEARNING_RATES`.
+    timing_reps: rounds of the interleaved step-cost measurement (0: skip it).
+    use_cache: read and write the baseline cache.
+
+  Raises:
+    ValueError: a count that is not a positive integer, an unknown baseline or an invalid
+      grid.
+  """
+  steps: int = 1000
+  seeds: int = 3
+  eval_every: int | None = None
+  num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES
+  baselines: tuple[str, ...] = ("adam", "sgd_momentum", "rmsprop")
+  learning_rates: LearningRates | None = None
+  timing_reps: int = 20
+  use_cache: bool = True
+
+  def __post_init__(self):
+    measurement.check_positive(steps=self.steps, seeds=self.seeds,
+                               eval_every=self.resolved_eval_every,
+                               num_eval_batches=self.num_eval_batches)
+    object.__setattr__(self, "baselines", tuple(self.baselines))
+    unknown = sorted(set(self.baselines) - set(BASELINES))
+    if unknown:
+      raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
+    self.grids()  # raises for an invalid grid
+
+  @property
+  def resolved_eval_every(self) -> int:
+    """``eval_every``, or its default for ``steps``."""
+    return default_eval_every(self.steps) if self.eval_every is None else self.eval_every
+
+  def grids(self) -> dict[str, tuple[float, ...]]:
+    """The sorted learning-rate grid of each baseline."""
+    return {name: _grid(name, self.learning_rates) for name in self.baselines}
+
+  def record(self) -> dict[str, Any]:
+    """The ``protocol`` entry of the results, which also keys the baseline cache."""
+    return {"steps": self.steps, "seeds": self.seeds, "eval_every": self.resolved_eval_every,
+            "num_eval_batches": self.num_eval_batches,
+            "eval_seeds": [EVAL_SEED_OFFSET + s for s in range(self.seeds)],
+            "stability_tolerance": STABILITY_TOLERANCE}
+
+  def train_kwargs(self) -> dict[str, Any]:
+    """The keyword arguments of :func:`evaluate_transformation` for one run."""
+    return {"steps": self.steps, "seeds": self.seeds, "eval_every": self.resolved_eval_every,
+            "num_eval_batches": self.num_eval_batches}
+
+
 def evaluate(
     optimizer: str | os.PathLike | None,
     task: str,
     *,
-    steps: int = 1000,
-    seeds: int = 3,
     out_dir: str | os.PathLike,
-    baselines: tuple[str, ...] = ("adam", "sgd_momentum", "rmsprop"),
-    learning_rates: LearningRates | None = None,
-    eval_every: int | None = None,
+    protocol: EvaluationProtocol | None = None,
     data_dir: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     task_overrides: dict[str, Any] | None = None,
-    num_eval_batches: int = DEFAULT_NUM_EVAL_BATCHES,
-    use_cache: bool = True,
-    timing_reps: int = 20,
+    **protocol_fields: Any,
 ) -> dict[str, Any]:
   """Evaluates a learned optimizer against baselines tuned over learning-rate grids.
 
@@ -461,57 +356,44 @@ def evaluate(
     optimizer: a bundled name or checkpoint path for :func:`optax_learned.load`, or ``None``
       to evaluate the baselines only.
     task: a task name (see :func:`metatrain.tasks.task_names`).
-    steps: training steps per run.
-    seeds: seeds per optimizer and learning rate.
-    out_dir: where ``results.json``, ``results.md``, ``loss_vs_step.png`` and
-      ``loss_vs_time.png`` are written (created if needed).
-    baselines: keys of :data:`BASELINES`.
-    learning_rates: one grid for every baseline, or a mapping from baseline to grid;
-      default :data:`DEFAULT_LEARNING_RATES`.
-    eval_every: steps between evaluations (default ``max(1, steps // 25)``).
+    out_dir: where ``results.json``, ``curves.json``, ``results.md``, ``loss_vs_step.png``
+      and ``loss_vs_time.png`` are written (created if needed; see
+      :func:`~metatrain.evaluation_report.write_outputs`).
+    protocol: the runs, grids and timing (default ``EvaluationProtocol()``).
     data_dir: data source for tasks with a ``data_dir`` field (ignored by the others).
     cache_dir: the baseline cache (default :data:`DEFAULT_CACHE_DIR`).
     task_overrides: fields replaced in the task, e.g. ``{"batch_size": 64}``.
-    num_eval_batches: fixed training and validation batches per evaluation.
-    use_cache: read and write the baseline cache.
-    timing_reps: rounds of the interleaved step-cost measurement (0: skip it).
+    **protocol_fields: fields of :class:`EvaluationProtocol` replaced in ``protocol``, e.g.
+      ``steps=200, seeds=1`` (the keyword arguments ``evaluate`` has always taken).
 
   Returns:
-    The contents of ``results.json``: ``task``, ``protocol``, ``environment``, ``learned``
-    (``None`` without ``optimizer``), ``baselines`` (per baseline: the grid, the runs per
-    learning rate, the chosen one) and ``summary``.
+    The results: ``task``, ``protocol``, ``environment``, ``learned`` (``None`` without
+    ``optimizer``), ``baselines`` (per baseline: the grid, the runs per learning rate, the
+    chosen one) and ``summary``. ``results.json`` holds them without the runs' curves, which
+    ``curves.json`` holds (:func:`~metatrain.evaluation_report.read_results` joins them).
 
   Raises:
+    TypeError: a keyword argument that is not a field of :class:`EvaluationProtocol`.
     ValueError: an unknown task or baseline, an invalid grid or non-positive counts.
   """
-  eval_every = default_eval_every(steps) if eval_every is None else eval_every
-  _check_positive(steps=steps, seeds=seeds, eval_every=eval_every,
-                  num_eval_batches=num_eval_batches)
-  unknown = sorted(set(baselines) - set(BASELINES))
-  if unknown:
-    raise ValueError(f"unknown baseline(s) {unknown}; known: {sorted(BASELINES)}")
-  grids = {name: _grid(name, learning_rates) for name in baselines}
+  protocol = _protocol(protocol, protocol_fields)
+  grids = protocol.grids()
   overrides = dict(task_overrides or {})
-  task_obj = tasks_lib.get_task(task, **overrides)
-  if data_dir is not None and "data_dir" in {f.name for f in dataclasses.fields(task_obj)}:
-    task_obj = dataclasses.replace(task_obj, data_dir=data_dir)
+  task_obj = tasks_lib.with_data_dir(tasks_lib.get_task(task, **overrides), data_dir)
   data = task_obj.load_data()
-  cache = pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() if use_cache else None
-  protocol = {"steps": steps, "seeds": seeds, "eval_every": eval_every,
-              "num_eval_batches": num_eval_batches,
-              "eval_seeds": [EVAL_SEED_OFFSET + s for s in range(seeds)],
-              "stability_tolerance": STABILITY_TOLERANCE}
-  train_kwargs = dict(steps=steps, seeds=seeds, eval_every=eval_every,
-                      num_eval_batches=num_eval_batches, data=data)
+  cache = (pathlib.Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() if protocol.use_cache
+           else None)
+  record = protocol.record()
+  train_kwargs = dict(protocol.train_kwargs(), data=data)
 
   # Load the learned optimizer first: a bad name or path fails before any training.
   learned_tx = optax_learned.load(optimizer) if optimizer is not None else None
   baseline_results = {}
-  for name in baselines:
+  for name in protocol.baselines:
     runs, cached = {}, []
     for lr in grids[name]:
       key = baseline_cache.cache_key(task, overrides, _task_config(task_obj), name, lr,
-                                     protocol, schema_version=SCHEMA_VERSION)
+                                     record, schema_version=SCHEMA_VERSION)
       run = baseline_cache.read(cache, key) if cache else None
       cached.append(run is not None)
       if run is None:
@@ -536,18 +418,18 @@ def evaluate(
     logger.info("training the learned optimizer %s on %s", optimizer, task)
     run = evaluate_transformation(learned_tx, task_obj, **train_kwargs)
     learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer), "run": run}
-    if timing_reps:
-      logger.info("timing the steps interleaved (%d rounds)", timing_reps)
+    if protocol.timing_reps:
+      logger.info("timing the steps interleaved (%d rounds)", protocol.timing_reps)
       txs = {"learned": learned_tx, **{
           name: _baseline(name, b["best_learning_rate"]) for name, b in baseline_results.items()}}
       learned["step_seconds_interleaved"] = interleaved_step_seconds(
-          txs, task_obj, data, timing_reps)
+          txs, task_obj, data, protocol.timing_reps)
 
   results = {
       "schema_version": SCHEMA_VERSION,
       "task": {"name": task, "overrides": jsonable(overrides),
                "config": _task_config(task_obj)},
-      "protocol": protocol,
+      "protocol": record,
       "environment": _environment(),
       "learned": learned,
       "baselines": baseline_results,
@@ -555,6 +437,20 @@ def evaluate(
   results["summary"] = summarize(results)
   write_outputs(results, out_dir)
   return results
+
+
+def _protocol(protocol: EvaluationProtocol | None,
+              fields: dict[str, Any]) -> EvaluationProtocol:
+  """``protocol`` (default ``EvaluationProtocol()``) with ``fields`` replaced."""
+  protocol = EvaluationProtocol() if protocol is None else protocol
+  if not isinstance(protocol, EvaluationProtocol):
+    raise TypeError(f"protocol must be an EvaluationProtocol, got {type(protocol).__name__}")
+  known = {f.name for f in dataclasses.fields(EvaluationProtocol)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise TypeError(f"evaluate() got unexpected keyword argument(s) {unknown}; the protocol's "
+                    f"fields are {sorted(known)}")
+  return dataclasses.replace(protocol, **fields) if fields else protocol
 
 
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
@@ -595,11 +491,6 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def default_eval_every(steps: int) -> int:
-  """The default evaluation interval: 25 evaluations after the initial one."""
-  return max(1, steps // 25)
-
-
 def _grid(name: str, learning_rates: LearningRates | None) -> tuple[float, ...]:
   if learning_rates is None:
     grid = DEFAULT_LEARNING_RATES[name]
@@ -615,12 +506,6 @@ def _grid(name: str, learning_rates: LearningRates | None) -> tuple[float, ...]:
   return grid
 
 
-def _check_positive(**values: int) -> None:
-  for name, value in values.items():
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _task_config(task: base.Task) -> dict[str, Any]:
   config = {f.name: getattr(task, f.name) for f in dataclasses.fields(task) if f.name != "data_dir"}
   return jsonable({"class": type(task).__name__, **config})
@@ -632,7 +517,9 @@ def _horizon(optimizer: str | os.PathLike) -> int | None:
     config = optax_learned.load_metadata(optimizer).get("training_config") or {}
   except optax_learned.CheckpointError:
     return None
-  horizon = config.get("max_horizon") if isinstance(config, dict) else None
+  if not isinstance(config, dict):
+    return None
+  horizon = (configs.nest_legacy_keys(config).get("truncation") or {}).get("max_horizon")
   return horizon if isinstance(horizon, int) and not isinstance(horizon, bool) else None
 
 

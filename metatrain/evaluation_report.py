@@ -1,9 +1,16 @@
 """Reports of :func:`metatrain.evaluation.evaluate`'s results: JSON, Markdown and plots.
 
-:func:`write_outputs` writes ``results.json``, ``results.md`` (:func:`markdown`) and two plots
-of the tuned optimizers' mean losses, against steps and against wall-clock
-(:func:`wall_clock_axes`). They take the results dict that ``evaluate`` returns (or that
-``results.json`` holds); :mod:`metatrain.evaluation` re-exports the first two.
+:func:`write_outputs` writes ``results.json`` and ``curves.json`` (:func:`write_json`),
+``results.md`` (:func:`markdown`) and two plots of the tuned optimizers' mean losses, against
+steps and against wall-clock (:func:`wall_clock_axes`). They take the results dict that
+``evaluate`` returns (or that :func:`read_results` reads back); :mod:`metatrain.evaluation`
+re-exports the first and :func:`markdown`.
+
+``results.json`` holds everything but the runs' per-step curves: the protocol, the summary,
+the learning-rate sweeps and, per run, its seeds, divergence flags, step costs and ``final``
+(the last point of each mean curve). The curves (``steps`` and the curves of
+:data:`metatrain.measurement.CURVES`, per seed and their means) are in ``curves.json``, in the
+same nesting (``learned.run``, ``baselines.<name>.runs.<lr>``).
 """
 
 import json
@@ -15,17 +22,133 @@ from typing import Any
 import numpy as np
 
 from metatrain._json_io import atomic_write, float_array, jsonable, lr_key
+from metatrain.measurement import CURVES
+
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.json"
+# What curves.json holds of a run (and of its "mean").
+_RUN_CURVES = ("steps", *CURVES)
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
-  """Writes ``results.json``, ``results.md``, ``loss_vs_step.png`` and ``loss_vs_time.png``."""
+  """Writes ``results.json``, ``curves.json``, ``results.md`` and the two plots.
+
+  Args:
+    results: the results of :func:`metatrain.evaluation.evaluate`.
+    out_dir: the directory (created if needed).
+
+  The plots, ``loss_vs_step.png`` and ``loss_vs_time.png``, need the curves: results read
+  back without ``curves.json`` keep the plots already there.
+  """
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  text = json.dumps(jsonable(results), indent=1, allow_nan=False)
-  atomic_write(out / "results.json", text)
+  write_json(results, out)
   atomic_write(out / "results.md", markdown(results))
-  _plot(results, out / "loss_vs_step.png", x="steps")
-  _plot(results, out / "loss_vs_time.png", x="seconds")
+  if _has_curves(results):
+    _plot(results, out / "loss_vs_step.png", x="steps")
+    _plot(results, out / "loss_vs_time.png", x="seconds")
+
+
+def write_json(results: dict[str, Any], out_dir: str | os.PathLike) -> None:
+  """Writes ``results.json`` and, when the runs have curves, ``curves.json`` (see above).
+
+  Args:
+    results: the results of :func:`metatrain.evaluation.evaluate`, with or without curves.
+    out_dir: an existing directory.
+  """
+  out = pathlib.Path(out_dir)
+  summary, curves = split_curves(results)
+  if _has_curves(results):
+    atomic_write(out / CURVES_FILE, json.dumps(jsonable(curves), allow_nan=False))
+  atomic_write(out / RESULTS_FILE, json.dumps(jsonable(summary), indent=1, allow_nan=False))
+
+
+def read_results(out_dir: str | os.PathLike) -> dict[str, Any]:
+  """The results of an output directory, with the curves of ``curves.json`` if it exists.
+
+  Args:
+    out_dir: a directory :func:`write_outputs` wrote.
+
+  Returns:
+    The results as :func:`metatrain.evaluation.evaluate` returned them (in JSON form: NaN as
+    ``None``); without ``curves.json``, the runs have only what ``results.json`` holds.
+  """
+  out = pathlib.Path(out_dir)
+  results = json.loads((out / RESULTS_FILE).read_text())
+  if (out / CURVES_FILE).is_file():
+    results = join_curves(results, json.loads((out / CURVES_FILE).read_text()))
+  return results
+
+
+def split_curves(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``results`` without the runs' curves (what ``results.json`` holds), and the curves.
+
+  Args:
+    results: the results of :func:`metatrain.evaluation.evaluate`.
+
+  Returns:
+    ``(summary, curves)``: ``summary`` has ``curves_file`` and, per run, ``final`` (the
+    last point of each mean curve) in place of the curves; ``curves`` has the curves in the
+    same nesting. The input is not modified.
+  """
+  summary = {**results, "curves_file": CURVES_FILE}
+  curves: dict[str, Any] = {"schema_version": results.get("schema_version")}
+  if results.get("learned") is not None:
+    run, run_curves = _split_run(results["learned"]["run"])
+    summary["learned"] = {**results["learned"], "run": run}
+    curves["learned"] = {"run": run_curves}
+  summary["baselines"], curves["baselines"] = {}, {}
+  for name, entry in results["baselines"].items():
+    split = {lr: _split_run(run) for lr, run in entry["runs"].items()}
+    summary["baselines"][name] = {**entry, "runs": {lr: s[0] for lr, s in split.items()}}
+    curves["baselines"][name] = {"runs": {lr: s[1] for lr, s in split.items()}}
+  return summary, curves
+
+
+def join_curves(results: dict[str, Any], curves: dict[str, Any]) -> dict[str, Any]:
+  """Puts the curves of ``curves.json`` back into the contents of ``results.json``.
+
+  Args:
+    results: what ``results.json`` holds.
+    curves: what ``curves.json`` holds.
+
+  Returns:
+    The results as :func:`split_curves` got them (``curves_file`` and ``final`` dropped).
+  """
+  joined = {k: v for k, v in results.items() if k != "curves_file"}
+  if joined.get("learned") is not None and "learned" in curves:
+    joined["learned"] = {**joined["learned"],
+                         "run": _join_run(joined["learned"]["run"], curves["learned"]["run"])}
+  joined["baselines"] = {}
+  for name, entry in results["baselines"].items():
+    runs = curves.get("baselines", {}).get(name, {}).get("runs", {})
+    joined["baselines"][name] = {**entry, "runs": {
+        lr: _join_run(run, runs[lr]) if lr in runs else run for lr, run in entry["runs"].items()}}
+  return joined
+
+
+def _split_run(run: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+  if not any(k in run for k in _RUN_CURVES):
+    return run, {}
+  mean = run.get("mean", {})
+  kept = {k: v for k, v in run.items() if k not in _RUN_CURVES}
+  kept["mean"] = {k: v for k, v in mean.items() if k not in CURVES}
+  kept["final"] = {k: mean[k][-1] for k in CURVES if mean.get(k) is not None}
+  curves = {k: run[k] for k in _RUN_CURVES if k in run}
+  curves["mean"] = {k: mean[k] for k in CURVES if k in mean}
+  return kept, curves
+
+
+def _join_run(run: dict[str, Any], curves: dict[str, Any]) -> dict[str, Any]:
+  joined = {k: v for k, v in run.items() if k != "final"}
+  joined.update({k: v for k, v in curves.items() if k != "mean"})
+  joined["mean"] = {**curves.get("mean", {}), **run.get("mean", {})}
+  return joined
+
+
+def _has_curves(results: dict[str, Any]) -> bool:
+  """Whether every tuned run has its curves (the plots need them)."""
+  return all("steps" in run for run in _tuned_runs(results).values())
 
 
 def markdown(results: dict[str, Any]) -> str:

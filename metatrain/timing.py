@@ -2,7 +2,8 @@
 
 Benchmarks and evaluations compare optimizers by the ratio of their step times measured in
 one process, the candidates called in turn so that drift in the machine's load affects all
-of them alike.
+of them alike. :mod:`metatrain.measurement` times training steps with it
+(:func:`~metatrain.measurement.interleaved_step_seconds`).
 """
 
 import statistics

@@ -18,7 +18,6 @@ every host's devices.
 """
 
 import contextlib
-import dataclasses
 import fcntl
 import functools
 import json
@@ -28,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +37,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
 from metatrain import estimators, plots
-from metatrain._json_io import atomic_write
+from metatrain._json_io import atomic_write, jsonable
 from metatrain.configs import RunConfig
-from metatrain.tasks import base, families
+from metatrain.tasks import base, build_tasks
 
-__all__ = ("Interrupted", "MetaTrainer", "WorkdirError", "build_tasks", "export",
-           "restore_on_this_host", "workdir_lock")
+__all__ = ("Counters", "Interrupted", "MetaTrainState", "MetaTrainer", "WorkdirError",
+           "export", "restore_on_this_host", "run_tasks", "workdir_lock")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -101,29 +101,49 @@ def workdir_lock(workdir: pathlib.Path):
       fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Task]:
-  """The task variants of a run: one named task, or samples of a task family.
+def run_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Task]:
+  """The task variants of a run (:func:`metatrain.tasks.build_tasks` with its settings).
 
   Args:
     config: the run.
     data_dir: where datasets are, for tasks that read one (``None``: their default).
   """
-  overrides = _lists_to_tuples(config.task_overrides)
-  if config.task_family:
-    family = _with_data_dir(families.get_family(config.task_family, **overrides), data_dir)
-    return [family.sample(config.seed * 1000 + i) for i in range(config.num_task_variants)]
-  return [_with_data_dir(families.get_task(config.task, **overrides), data_dir)]
+  return build_tasks(config.task, family=config.task_family,
+                     num_variants=config.num_task_variants, overrides=config.task_overrides,
+                     seed=config.seed, data_dir=data_dir)
 
 
-def _with_data_dir(task_or_family, data_dir: str | None):
-  """Points a task or family at ``data_dir`` when it reads a dataset and one is given."""
-  if data_dir is None or "data_dir" not in {f.name for f in dataclasses.fields(task_or_family)}:
-    return task_or_family
-  return dataclasses.replace(task_or_family, data_dir=data_dir)
+@chex.dataclass
+class Counters:
+  """Run totals carried in the state (so that they survive a resume).
+
+  Attributes:
+    skipped_nonfinite: meta-steps whose gradient was not finite (not applied).
+    divergences: inner runs reset after diverging.
+    resets: inner runs started (horizon reached or diverged).
+  """
+  skipped_nonfinite: jax.Array
+  divergences: jax.Array
+  resets: jax.Array
 
 
-def _lists_to_tuples(values: dict[str, Any]) -> dict[str, Any]:
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+@chex.dataclass
+class MetaTrainState:
+  """Everything a meta-training run carries from one meta-step to the next (and checkpoints).
+
+  Attributes:
+    step: meta-steps done (int32 scalar).
+    meta_params: the learned optimizer's weights.
+    meta_opt_state: the meta-optimizer's (clipped Adam's) state.
+    estimator_states: one :class:`~metatrain.estimators.EstimatorState` per task variant,
+      each with a leading particle axis (sharded over devices).
+    counters: run totals.
+  """
+  step: jax.Array
+  meta_params: Any
+  meta_opt_state: Any
+  estimator_states: list[estimators.EstimatorState]
+  counters: Counters
 
 
 def _all_finite(tree) -> jax.Array:
@@ -144,21 +164,21 @@ class MetaTrainer:
     self.config = config
     self.workdir = pathlib.Path(workdir).absolute()
     self.lopt = optax_learned.LearnedOptimizer(**config.optimizer)
-    self.tasks = build_tasks(config, data_dir)
-    self.estimators = [estimators.Estimator(task, self.lopt, config.estimator_config())
+    self.tasks = run_tasks(config, data_dir)
+    self.estimators = [estimators.Estimator(task, self.lopt, config.estimator, config.truncation)
                        for task in self.tasks]
     self.data = [task.load_data() for task in self.tasks]
     self.meta_optimizer = optax.chain(optax.clip_by_global_norm(config.meta_grad_clip),
                                       optax.adam(config.meta_learning_rate))
     devices = jax.devices() if devices is None else devices
-    num_particles = config.estimator_config().num_particles
+    num_particles = config.estimator.num_particles
     if num_particles % len(devices):
       raise ValueError(f"num_tasks * num_pairs = {num_particles} must be divisible by the "
                        f"number of devices ({len(devices)})")
-    if config.resolved_particle_chunk % len(devices):
-      raise ValueError(f"particle_chunk = {config.resolved_particle_chunk} must be a multiple "
-                       f"of the "
-                       f"number of devices ({len(devices)}) so that each device runs its own "
+    chunk = config.estimator.resolved_particle_chunk()
+    if chunk % len(devices):
+      raise ValueError(f"estimator.particle_chunk = {chunk} must be a multiple of the number "
+                       f"of devices ({len(devices)}) so that each device runs its own "
                        f"particles")
     self.mesh = Mesh(np.asarray(devices), ("particles",))
     self.progress = sys.stderr.isatty() if progress is None else progress
@@ -167,7 +187,7 @@ class MetaTrainer:
 
   # -- state ------------------------------------------------------------------------------
 
-  def init_state(self) -> dict[str, Any]:
+  def init_state(self) -> MetaTrainState:
     """The state at meta-step 0: weights, meta-optimizer and every estimator's inner runs."""
     init_key, *slot_keys = jax.random.split(jax.random.PRNGKey(self.config.seed),
                                             len(self.tasks) + 1)
@@ -177,46 +197,49 @@ class MetaTrainer:
       if lopt != self.lopt:
         raise ValueError(f"init_from={self.config.init_from!r} holds an optimizer with config "
                          f"{lopt.to_dict()}, not the run's {self.lopt.to_dict()}")
-    return {
-        "step": jnp.zeros([], jnp.int32),
-        "meta_params": meta_params,
-        "meta_opt_state": self.meta_optimizer.init(meta_params),
-        "estimator_states": [est.init(meta_params, key, data) for est, key, data in
-                             zip(self.estimators, slot_keys, self.data, strict=True)],
-        "counters": {"skipped_nonfinite": jnp.zeros([], jnp.int32),
-                     "divergences": jnp.zeros([], jnp.float32),
-                     "resets": jnp.zeros([], jnp.float32)},
-    }
+    return MetaTrainState(
+        step=jnp.zeros([], jnp.int32),
+        meta_params=meta_params,
+        meta_opt_state=self.meta_optimizer.init(meta_params),
+        estimator_states=[est.init(meta_params, key, data) for est, key, data in
+                          zip(self.estimators, slot_keys, self.data, strict=True)],
+        counters=Counters(skipped_nonfinite=jnp.zeros([], jnp.int32),
+                          divergences=jnp.zeros([], jnp.float32),
+                          resets=jnp.zeros([], jnp.float32)))
 
-  def shardings(self, state: dict[str, Any]) -> dict[str, Any]:
-    """Particle-axis sharding for estimator states; everything else replicated."""
+  def shardings(self, state: Any) -> Any:
+    """Particle-axis sharding for estimator states; everything else replicated.
+
+    Args:
+      state: a :class:`MetaTrainState`, or a checkpoint's tree of the same top-level keys.
+    """
     replicated = NamedSharding(self.mesh, PartitionSpec())
     particles = NamedSharding(self.mesh, PartitionSpec("particles"))
-    return {key: jax.tree.map(lambda _, s=(particles if key == "estimator_states"
-                                           else replicated): s, value)
-            for key, value in state.items()}
+    placed = {key: jax.tree.map(lambda _, s=(particles if key == "estimator_states"
+                                             else replicated): s, value)
+              for key, value in state.items()}
+    return type(state)(**placed) if isinstance(state, MetaTrainState) else placed
 
-  def _meta_step(self, slot: int, state: dict[str, Any], data: base.Data):
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state["step"])
+  def _meta_step(self, slot: int, state: MetaTrainState, data: base.Data):
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
     gradient, est_state, diagnostics = self.estimators[slot].estimate(
-        state["meta_params"], state["estimator_states"][slot], key, data)
+        state.meta_params, state.estimator_states[slot], key, data)
     finite = _all_finite(gradient)
-    updates, opt_state = self.meta_optimizer.update(gradient, state["meta_opt_state"],
-                                                    state["meta_params"])
-    meta_params = optax.apply_updates(state["meta_params"], updates)
+    updates, opt_state = self.meta_optimizer.update(gradient, state.meta_opt_state,
+                                                    state.meta_params)
+    meta_params = optax.apply_updates(state.meta_params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    est_states = list(state["estimator_states"])
+    est_states = list(state.estimator_states)
     est_states[slot] = est_state
-    counters = state["counters"]
-    new_state = {
-        "step": state["step"] + 1,
-        "meta_params": keep(meta_params, state["meta_params"]),
-        "meta_opt_state": keep(opt_state, state["meta_opt_state"]),
-        "estimator_states": est_states,
-        "counters": {"skipped_nonfinite": counters["skipped_nonfinite"] + (~finite),
-                     "divergences": counters["divergences"] + diagnostics["divergences"],
-                     "resets": counters["resets"] + diagnostics["resets"]},
-    }
+    counters = state.counters
+    new_state = MetaTrainState(
+        step=state.step + 1,
+        meta_params=keep(meta_params, state.meta_params),
+        meta_opt_state=keep(opt_state, state.meta_opt_state),
+        estimator_states=est_states,
+        counters=Counters(skipped_nonfinite=counters.skipped_nonfinite + (~finite),
+                          divergences=counters.divergences + diagnostics["divergences"],
+                          resets=counters.resets + diagnostics["resets"]))
     return new_state, {**diagnostics, "skipped": ~finite}
 
   # -- work directory ---------------------------------------------------------------------
@@ -248,22 +271,35 @@ class MetaTrainer:
   def checkpoint_manager(self) -> ocp.CheckpointManager:
     """The run's Orbax checkpoint manager (only finished checkpoints are ever listed)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=self.config.max_to_keep, create=True)
-    return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options)
+    return ocp.CheckpointManager(self.workdir / CHECKPOINT_DIR, options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
-  def restore_or_init(self, manager: ocp.CheckpointManager) -> dict[str, Any]:
-    """The latest checkpointed state, or a fresh one; placed with :meth:`shardings`."""
+  def restore_or_init(self, manager: ocp.CheckpointManager) -> MetaTrainState:
+    """The latest checkpointed state, or a fresh one; placed with :meth:`shardings`.
+
+    A checkpoint is restored as the tree it was written as and then matched to this run's
+    state leaf by leaf, by key path, so checkpoints of the earlier layout (estimator states
+    with ``negative`` and ``accumulated`` beside ``positive``) resume too.
+
+    Raises:
+      WorkdirError: the checkpoint does not hold this run's state (naming the first leaf
+        that is missing or differs).
+    """
     latest = manager.latest_step()
     if latest is None:
       state = self.init_state()
       return jax.device_put(state, self.shardings(state))
-    abstract = jax.eval_shape(self.init_state)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, self.shardings(abstract))
-    return manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+    stored = manager.item_metadata(latest)
+    stored = dict(getattr(stored, "tree", stored))
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                          stored, self.shardings(stored))
+    raw = manager.restore(latest, args=ocp.args.StandardRestore(target))
+    return _match_checkpoint(raw, jax.eval_shape(self.init_state),
+                             f"checkpoint {latest} in {self.workdir}")
 
   # -- the loop ---------------------------------------------------------------------------
 
-  def train(self, steps: int | None = None) -> dict[str, Any]:
+  def train(self, steps: int | None = None) -> MetaTrainState:
     """Meta-trains up to ``steps`` meta-steps in all (default ``config.steps``), resuming.
 
     Returns:
@@ -277,10 +313,10 @@ class MetaTrainer:
     with workdir_lock(self.workdir):
       return self._train_locked(total)
 
-  def _train_locked(self, total: int) -> dict[str, Any]:
+  def _train_locked(self, total: int) -> MetaTrainState:
     manager = self.checkpoint_manager()
     state = self.restore_or_init(manager)
-    start = int(state["step"])
+    start = int(state.step)
     if start and jax.process_index() == 0:
       print(f"resuming from step {start}", file=sys.stderr, flush=True)
     primary = jax.process_index() == 0  # other hosts only compute and checkpoint
@@ -296,7 +332,7 @@ class MetaTrainer:
           state, diagnostics = self._step_fns[slot](state, self.data[slot])
           done = step + 1
           if done % self.config.log_every == 0 or done == total:
-            record = _metrics_record(done, slot, diagnostics, state["counters"],
+            record = _metrics_record(done, slot, diagnostics, state.counters,
                                      time.perf_counter() - began)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -347,13 +383,63 @@ def _truncate_metrics(path: pathlib.Path, step: int) -> float:
   return float(kept[-1]["wall_time"]) if kept else 0.0
 
 
-def _metrics_record(step: int, slot: int, diagnostics, counters, wall_time: float) -> dict:
+def _metrics_record(step: int, slot: int, diagnostics, counters: Counters,
+                    wall_time: float) -> dict:
+  """One metrics line; non-finite numbers are ``null`` (as in every JSON file of metatrain)."""
   values = jax.device_get({**diagnostics, **{f"total_{k}": v for k, v in counters.items()}})
   record = {"step": step, "task_slot": slot, "wall_time": round(wall_time, 3)}
-  for key, value in sorted(values.items()):
-    value = np.asarray(value).item()
-    record[key] = value if isinstance(value, (bool, int)) or np.isfinite(value) else str(value)
-  return record
+  record.update({key: np.asarray(value).item() for key, value in sorted(values.items())})
+  return jsonable(record)
+
+
+def _path_keys(path) -> list:
+  """A key path as dict keys and list indices (NamedTuple and dataclass fields by name)."""
+  keys = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.SequenceKey):
+      keys.append(entry.idx)
+    elif isinstance(entry, jax.tree_util.DictKey):
+      keys.append(entry.key)
+    else:
+      keys.append(entry.name)
+  return keys
+
+
+def _earlier_layout(keys: list) -> list:
+  """Where a leaf of the current layout lived in checkpoints of the earlier one: estimator
+  states held PES's ``negative`` and ``accumulated`` beside ``positive``, not under ``es``."""
+  if len(keys) > 3 and keys[0] == "estimator_states" and keys[2] == "es":
+    return keys[:2] + keys[3:]
+  return keys
+
+
+def _match_checkpoint(raw: Any, expected: MetaTrainState, what: str) -> MetaTrainState:
+  """Builds ``expected``'s structure from a restored tree of nested dicts and lists."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  leaves = []
+  for path, want in paths:
+    keys = _path_keys(path)
+    for candidate in (keys, _earlier_layout(keys)):
+      node = raw
+      try:
+        for key in candidate:
+          node = node[key]
+      except (KeyError, IndexError, TypeError):
+        continue
+      break
+    else:
+      raise WorkdirError(f"{what} does not hold this run's state: it has no "
+                         f"{'/'.join(map(str, keys))}. Use another --workdir.")
+    if node.shape != want.shape or node.dtype != want.dtype:
+      raise WorkdirError(f"{what} does not hold this run's state: "
+                         f"{'/'.join(map(str, keys))} is {node.dtype}{list(node.shape)}, this "
+                         f"run expects {want.dtype}{list(want.shape)}. Use another --workdir.")
+    leaves.append(node)
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+  return "nan" if value is None else format(value, spec)
 
 
 class _progress:
@@ -370,12 +456,12 @@ class _progress:
   def report(self, record: dict) -> None:
     if self.bar is not None:
       self.bar.update(record["step"] - self.last)
-      self.bar.set_postfix(meta_loss=f"{record['meta_loss']:.4f}")
+      self.bar.set_postfix(meta_loss=_fmt(record["meta_loss"], ".4f"))
     else:
-      print(f"step {record['step']}/{self.total} meta_loss {record['meta_loss']:.4f} "
-            f"grad_norm {record['grad_norm']:.3g} skipped {record['total_skipped_nonfinite']} "
-            f"divergences {record['total_divergences']:.0f} wall {record['wall_time']:.1f}s",
-            flush=True)
+      print(f"step {record['step']}/{self.total} meta_loss {_fmt(record['meta_loss'], '.4f')} "
+            f"grad_norm {_fmt(record['grad_norm'], '.3g')} skipped "
+            f"{record['total_skipped_nonfinite']} divergences "
+            f"{record['total_divergences']:.0f} wall {record['wall_time']:.1f}s", flush=True)
     self.last = record["step"]
 
   def close(self) -> None:

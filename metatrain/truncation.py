@@ -41,17 +41,17 @@ class LearnedOptimizerLike(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class TruncationConfig:
-  """How inner training is unrolled and scored.
+  """How inner training is unrolled and scored (``truncation.*`` of a run config).
 
   Attributes:
-    truncation_length: inner steps per truncation (per meta-gradient estimate).
+    length: inner steps per truncation (per meta-gradient estimate).
     min_horizon: shortest inner run, in steps.
     max_horizon: longest inner run; equal to ``min_horizon`` for a fixed horizon, otherwise
       horizons are log-uniform in ``[min_horizon, max_horizon]``.
     meta_loss_split: ``"valid"`` (the paper's recommendation) or ``"train"``: which split the
       meta-loss is measured on.
     meta_loss_every: the meta-loss is measured after every ``meta_loss_every``-th inner step
-      (it must divide ``truncation_length``). 1 measures after every step; larger values
+      (it must divide ``length``). 1 measures after every step; larger values
       estimate the same mean over the run from fewer, evenly spaced measurements and skip the
       cost of the other validation passes.
     remat: recompute each inner step's intermediates in the backward pass
@@ -65,7 +65,7 @@ class TruncationConfig:
     stagger: shorten each instance's first run by a uniform fraction so that instances
       started together do not reset in lockstep.
   """
-  truncation_length: int = 20
+  length: int = 20
   min_horizon: int = 200
   max_horizon: int = 2000
   meta_loss_split: str = "valid"
@@ -77,19 +77,19 @@ class TruncationConfig:
   remat: bool = False
 
   def __post_init__(self):
-    if self.truncation_length < 1:
-      raise ValueError(f"truncation_length must be >= 1, got {self.truncation_length}")
-    if self.meta_loss_every < 1 or self.truncation_length % self.meta_loss_every:
+    if self.length < 1:
+      raise ValueError(f"truncation.length must be >= 1, got {self.length}")
+    if self.meta_loss_every < 1 or self.length % self.meta_loss_every:
       raise ValueError(
-          f"meta_loss_every must be a positive divisor of truncation_length "
-          f"({self.truncation_length}), got {self.meta_loss_every}")
-    if not self.truncation_length <= self.min_horizon <= self.max_horizon:
+          f"truncation.meta_loss_every must be a positive divisor of truncation.length "
+          f"({self.length}), got {self.meta_loss_every}")
+    if not self.length <= self.min_horizon <= self.max_horizon:
       raise ValueError(
-          "need truncation_length <= min_horizon <= max_horizon, got "
-          f"{self.truncation_length}, {self.min_horizon}, {self.max_horizon}")
+          "need truncation.length <= min_horizon <= max_horizon, got "
+          f"{self.length}, {self.min_horizon}, {self.max_horizon}")
     base.check_split(self.meta_loss_split)
     if self.loss_clip <= 0:
-      raise ValueError(f"loss_clip must be positive, got {self.loss_clip}")
+      raise ValueError(f"truncation.loss_clip must be positive, got {self.loss_clip}")
 
 
 class InnerState(NamedTuple):
@@ -104,8 +104,8 @@ class InnerState(NamedTuple):
 class UnrollOutput(NamedTuple):
   """Outputs of :func:`unroll`.
 
-  ``meta_losses`` has one entry per measurement (``[truncation_length // meta_loss_every]``),
-  the others one per step (``[truncation_length]``).
+  ``meta_losses`` has one entry per measurement (``[length // meta_loss_every]``),
+  the others one per step (``[length]``).
   """
   meta_losses: jax.Array   # the (clipped, optionally log) meta-loss at each measurement
   train_losses: jax.Array  # the raw training loss of each step
@@ -117,14 +117,14 @@ def resets_before_measurements(config: TruncationConfig, resets: jax.Array) -> j
 
   Args:
     config: truncation settings.
-    resets: per-step reset flags ``[..., truncation_length]``.
+    resets: per-step reset flags ``[..., length]``.
 
   Returns:
-    ``[..., truncation_length // meta_loss_every]``: measurement ``j`` (after step
+    ``[..., length // meta_loss_every]``: measurement ``j`` (after step
     ``(j + 1) * meta_loss_every - 1``) is true when a reset happened in its window of steps,
     so that a cumulative "any" over measurements tells which ones follow a reset.
   """
-  chex.assert_axis_dimension(resets, -1, config.truncation_length)
+  chex.assert_axis_dimension(resets, -1, config.length)
   windows = resets.reshape(resets.shape[:-1] + (-1, config.meta_loss_every))
   return jnp.any(windows, axis=-1)
 
@@ -159,7 +159,7 @@ def init_inner_state(task: base.Task, lopt: LearnedOptimizerLike, meta_params: M
   if not config.stagger:
     return state
   fraction = jax.random.uniform(stagger_key)
-  first = jnp.maximum(config.truncation_length,
+  first = jnp.maximum(config.length,
                       jnp.ceil(fraction * state.horizon).astype(jnp.int32))
   return state._replace(horizon=first)
 
@@ -189,10 +189,10 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
     data: the task's arrays.
 
   Returns:
-    The state after ``config.truncation_length`` steps and the outputs.
+    The state after ``config.length`` steps and the outputs.
   """
   tx = lopt.transform(meta_params)
-  # A run resets at most once per truncation (every horizon is at least truncation_length
+  # A run resets at most once per truncation (every horizon is at least length
   # steps), and its run key changes only when it resets, so the run it would reset to can be
   # drawn once, here, instead of at every step.
   fresh = _fresh_run(task, tx, config, jax.random.split(state.run_key)[1])
@@ -219,7 +219,7 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
                           task.sample_batch(data, meta_keys[-1], config.meta_loss_split))
     return state, (meta_loss_term(config, meta_loss), train_losses, resets)
 
-  num_windows = config.truncation_length // config.meta_loss_every
+  num_windows = config.length // config.meta_loss_every
   state, (meta_losses, train_losses, resets) = jax.lax.scan(window, state, length=num_windows)
   return state, UnrollOutput(meta_losses, train_losses.reshape(-1), resets.reshape(-1))
 

@@ -42,7 +42,7 @@ def test_train_export_load(tmp_path, capsys):
   assert cli.main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
   metadata = optax_learned.load_metadata(out)
   assert metadata["summary"]["meta_steps"] == 4
-  assert metadata["training_config"]["estimator"] == "pes"
+  assert metadata["training_config"]["estimator"]["name"] == "pes"
   lopt, meta_params = optax_learned.load_weights(out)
   assert lopt.hidden_sizes == (8,)
   tx = optax_learned.load(out)
@@ -56,8 +56,8 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
                    "--set", "no_such_key=1"]) == 2
   assert "unknown config key 'no_such_key'" in capsys.readouterr().err
   assert cli.main(["train", "--config", "quadratic", "--workdir", str(tmp_path),
-                   "--set", "estimator=sgd"]) == 2
-  assert "estimator must be one of" in capsys.readouterr().err
+                   "--set", "estimator.name=sgd"]) == 2
+  assert "estimator.name must be one of" in capsys.readouterr().err
   assert cli.main(["export", "--workdir", str(tmp_path / "none"), "--out",
                    str(tmp_path / "x")]) == 2
   assert "not a meta-training work directory" in capsys.readouterr().err

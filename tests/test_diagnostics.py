@@ -1,6 +1,5 @@
 """Tests of the pathology diagnostics (meta-loss slices, gradient norms, variances)."""
 
-import dataclasses
 import json
 
 import jax
@@ -50,8 +49,8 @@ def test_diagnose_reports_the_exploding_pathwise_gradient_of_each_length(tmp_pat
   # SGD with learning rate 2.2 on curvature 1 multiplies x by -1.2 per step: the loss grows
   # like 1.44^t and its meta-gradient faster, so the norm must explode with the length.
   task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(2.2))
-  config = dataclasses.replace(configs.get_config("quadratic"), log_loss=False,
-                               loss_clip=1e6, sigma=1e-4)
+  config = configs.get_config("quadratic").with_overrides(
+      ["truncation.log_loss=false", "truncation.loss_clip=1e6", "estimator.sigma=1e-4"])
   lengths = (2, 4, 8, 16)
   report = diagnostics.diagnose(config, tmp_path, lengths=lengths, slice_points=5,
                                 slice_radius=0.1, num_samples=4, task=task, lopt=lopt)
@@ -65,9 +64,8 @@ def test_diagnose_reports_the_exploding_pathwise_gradient_of_each_length(tmp_pat
   meta_params = lopt.init(None)
   centres = np.asarray(report["slice"]["meta_loss"])[:, 2]
   for length, norm, centre in zip(lengths, norms, centres, strict=True):
-    tcfg = truncation.TruncationConfig(truncation_length=length, min_horizon=length,
-                                       max_horizon=length, log_loss=False, loss_clip=1e6,
-                                       stagger=False)
+    tcfg = truncation.TruncationConfig(length=length, min_horizon=length, max_horizon=length,
+                                       log_loss=False, loss_clip=1e6, stagger=False)
 
     def mean_meta_loss(theta, tcfg=tcfg):
       state = truncation.init_inner_state(task, lopt, theta, tcfg, jax.random.PRNGKey(0))

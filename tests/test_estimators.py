@@ -1,6 +1,7 @@
 """Statistical tests of the meta-gradient estimators against exact gradients."""
 
 import dataclasses
+from typing import NamedTuple
 
 import chex
 import jax
@@ -15,12 +16,23 @@ from metatrain.tasks.quadratic import LinearRegressionTask
 SIGMA = 0.05
 
 
+class _Setup(NamedTuple):
+  estimator: estimators.EstimatorConfig
+  truncation: truncation.TruncationConfig
+
+  @property
+  def sigma(self):
+    return self.estimator.sigma
+
+
 def _config(estimator, length, horizon, num_pairs, *, merged_es="pes", sigma=SIGMA,
-            meta_loss_every=1):
-  return estimators.EstimatorConfig(
-      estimator=estimator, merged_es=merged_es, num_tasks=1, num_pairs=num_pairs, sigma=sigma,
-      truncation=truncation.TruncationConfig(
-          truncation_length=length, min_horizon=horizon, max_horizon=horizon, log_loss=False,
+            meta_loss_every=1, particle_chunk=0):
+  return _Setup(
+      estimators.EstimatorConfig(name=estimator, merged_es=merged_es, num_tasks=1,
+                                 num_pairs=num_pairs, sigma=sigma,
+                                 particle_chunk=particle_chunk),
+      truncation.TruncationConfig(
+          length=length, min_horizon=horizon, max_horizon=horizon, log_loss=False,
           loss_clip=1e6, stagger=False, meta_loss_every=meta_loss_every))
 
 
@@ -74,7 +86,7 @@ def test_single_truncation_estimators_are_unbiased(name, merged_es):
   meta_params = lopt.init(None)
   config = _config(name, length=10, horizon=10, num_pairs=8, merged_es=merged_es)
   reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 1)
-  samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 1, 300)
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 1, 300)
   assert abs(reference) > 10 * reference_se  # a gradient clearly away from zero
   assert _z_score(samples, reference, reference_se) < 4.0
 
@@ -87,7 +99,7 @@ def test_pes_is_unbiased_over_truncations_where_truncated_estimators_are_not(hor
   for name in ("pes", "es", "pathwise"):
     config = _config(name, length=5, horizon=horizon, num_pairs=8)
     reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4)
-    samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 4, 300)
+    samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 4, 300)
     z[name] = _z_score(samples, reference, reference_se)
   assert z["pes"] < 4.0, z
   assert z["es"] > 8.0 and z["pathwise"] > 8.0, z
@@ -100,7 +112,7 @@ def test_pes_is_unbiased_with_sparse_meta_loss_measurements():
   meta_params = lopt.init(None)
   config = _config("pes", length=5, horizon=18, num_pairs=8, meta_loss_every=5)
   reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4)
-  samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 4, 300)
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 4, 300)
   assert abs(reference) > 10 * reference_se
   assert _z_score(samples, reference, reference_se) < 4.0
 
@@ -108,7 +120,7 @@ def test_pes_is_unbiased_with_sparse_meta_loss_measurements():
 def test_sparse_meta_loss_measures_a_subset_of_the_same_steps():
   task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
   meta_params, data = lopt.init(None), task.load_data()
-  dense = truncation.TruncationConfig(truncation_length=6, min_horizon=8, max_horizon=8,
+  dense = truncation.TruncationConfig(length=6, min_horizon=8, max_horizon=8,
                                       stagger=False)
   sparse = dataclasses.replace(dense, meta_loss_every=3)
   state = truncation.init_inner_state(task, lopt, meta_params, dense, jax.random.PRNGKey(0))
@@ -129,7 +141,7 @@ def test_sparse_meta_loss_measures_a_subset_of_the_same_steps():
 def test_remat_gives_the_same_pathwise_gradient():
   task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
   meta_params, data = lopt.init(None), task.load_data()
-  plain = truncation.TruncationConfig(truncation_length=4, min_horizon=6, max_horizon=6,
+  plain = truncation.TruncationConfig(length=4, min_horizon=6, max_horizon=6,
                                       stagger=False)
   state = truncation.init_inner_state(task, lopt, meta_params, plain, jax.random.PRNGKey(0))
 
@@ -148,7 +160,7 @@ def test_merged_variance_is_no_larger_than_either_part():
   variances = {}
   for name in ("pathwise", "es", "merged"):
     config = _config(name, length=10, horizon=10, num_pairs=16, merged_es="es")
-    samples = _repeated_estimates(estimators.Estimator(task, lopt, config), meta_params, 1, 400,
+    samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 1, 400,
                                   data=data)
     variances[name] = samples.var(ddof=1)
   # The variance of a sample variance from 400 draws has a relative error of about 7%.
@@ -161,7 +173,7 @@ def test_pathwise_gradient_norm_explodes_with_unroll_length():
   norms = []
   for length in (2, 4, 8, 16):
     config = _config("pathwise", length=length, horizon=length, num_pairs=1, sigma=1e-6)
-    est = estimators.Estimator(task, lopt, config)
+    est = estimators.Estimator(task, lopt, *config)
     state = est.init(meta_params, jax.random.PRNGKey(0), {})
     _, _, diagnostics = jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), {})
     norms.append(float(diagnostics["pathwise_norm"]))
@@ -173,9 +185,9 @@ def test_antithetic_pairs_cancel_shared_noise_exactly_on_a_linear_objective():
   task, lopt = toy.NoisyLinear(), toy.ConstantStep()
   meta_params = lopt.init(None)
   config = _config("es", length=4, horizon=8, num_pairs=1, sigma=0.1)
-  est = estimators.Estimator(task, lopt, config)
+  est = estimators.Estimator(task, lopt, *config)
   key = jax.random.PRNGKey(7)
-  eps = estimators._sample_perturbations(meta_params, key, 1, config.sigma)["theta"][0]
+  eps = estimators.sample_perturbations(meta_params, key, 1, config.sigma)["theta"][0]
   # Meta-loss after step s is -(s + 1) theta + noise_s: the pair's difference is -5 eps.
   expected = float(-2.5 * eps**2 / config.sigma**2)
   for init_seed in range(3):  # different runs: different batch noise
@@ -188,7 +200,7 @@ def test_antithetic_pairs_cancel_shared_noise_exactly_on_a_linear_objective():
 def test_reset_masking_at_every_position(position):
   task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
   meta_params, data = lopt.init(None), task.load_data()
-  config = truncation.TruncationConfig(truncation_length=5, min_horizon=10, max_horizon=10,
+  config = truncation.TruncationConfig(length=5, min_horizon=10, max_horizon=10,
                                        log_loss=False, loss_clip=1e6, stagger=False)
   state = truncation.init_inner_state(task, lopt, meta_params, config, jax.random.PRNGKey(0))
   state = state._replace(step=jnp.asarray(10 - position, jnp.int32))
@@ -241,12 +253,28 @@ def test_chunked_estimates_match_vectorised_ones():
   meta_params, data = lopt.init(None), task.load_data()
   results = []
   for chunk in (0, 1, 2):
-    config = dataclasses.replace(_config("merged", length=4, horizon=6, num_pairs=4),
-                                 particle_chunk=chunk)
-    est = estimators.Estimator(task, lopt, config)
+    config = _config("merged", length=4, horizon=6, num_pairs=4, particle_chunk=chunk)
+    est = estimators.Estimator(task, lopt, *config)
     state = est.init(meta_params, jax.random.PRNGKey(0), data)
     results.append(jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), data))
   chex.assert_trees_all_close(results[0], results[1], rtol=1e-5)
   chex.assert_trees_all_close(results[0], results[2], rtol=1e-5)
-  with pytest.raises(ValueError, match="particle_chunk must be 0 or divide"):
+  with pytest.raises(ValueError, match=r"particle_chunk must be -1 \(automatic\), 0 or divide"):
     estimators.EstimatorConfig(num_tasks=1, num_pairs=4, particle_chunk=3)
+
+
+def test_a_new_estimator_is_one_registry_entry(monkeypatch):
+  """Composing registered parts gives the same estimate as the built-in composition."""
+  from metatrain.estimators import combine, estimator
+  monkeypatch.setitem(estimator.ESTIMATORS, "merged_antithetic", estimators.EstimatorSpec(
+      pathwise=True, es_side="es", combiner=combine.inverse_variance))
+  task, lopt = LinearRegressionTask(dim=3), toy.LearnedStepSize(-2.0)
+  meta_params, data = lopt.init(None), task.load_data()
+  results = []
+  for name, merged_es in (("merged_antithetic", "pes"), ("merged", "es")):
+    config = _config(name, length=4, horizon=6, num_pairs=4, merged_es=merged_es)
+    est = estimators.Estimator(task, lopt, *config)
+    state = est.init(meta_params, jax.random.PRNGKey(0), data)
+    assert state.es == ()  # antithetic ES keeps no state of its own
+    results.append(jax.jit(est.estimate)(meta_params, state, jax.random.PRNGKey(1), data))
+  chex.assert_trees_all_equal(results[0], results[1])

@@ -49,9 +49,15 @@ def test_evaluate_outputs_selection_and_cache(tmp_path, learned_path, counted):
   assert counted == {"baseline": 6, "learned": 1}
 
   out = tmp_path / "out"
-  for name in ("results.json", "results.md", "loss_vs_step.png", "loss_vs_time.png"):
+  for name in ("results.json", "curves.json", "results.md", "loss_vs_step.png",
+               "loss_vs_time.png"):
     assert (out / name).stat().st_size > 0
-  stored = json.loads((out / "results.json").read_text())
+  # results.json holds the summaries and final metrics; the per-step curves are in curves.json.
+  summary_only = json.loads((out / "results.json").read_text())
+  assert "train_loss" not in summary_only["learned"]["run"]
+  assert summary_only["learned"]["run"]["final"]["train_loss"] == pytest.approx(
+      results["learned"]["run"]["mean"]["train_loss"][-1])
+  stored = evaluation_report.read_results(out)
   assert {"schema_version", "task", "protocol", "environment", "learned", "baselines",
           "summary"} <= set(stored)
   assert stored["protocol"]["eval_seeds"] == [10_000, 10_001]
@@ -115,6 +121,32 @@ def test_evaluate_outputs_selection_and_cache(tmp_path, learned_path, counted):
   evaluation.evaluate(None, "linear_regression", **dict(
       kwargs, learning_rates={"adam": (1e-2, 1e-1, 1.0)}, baselines=("adam",)))
   assert counted == {"baseline": 7, "learned": 2}
+
+
+def test_protocol_object_and_keywords_agree(tmp_path):
+  protocol = evaluation.EvaluationProtocol(steps=4, seeds=1, baselines=("adam",),
+                                           learning_rates=(1e-2,), num_eval_batches=1,
+                                           timing_reps=0)
+  assert protocol.resolved_eval_every == 1
+  assert protocol.record()["eval_seeds"] == [10_000]
+  kwargs = dict(out_dir=tmp_path / "out", cache_dir=tmp_path / "cache")
+  by_object = evaluation.evaluate(None, "linear_regression", protocol=protocol, **kwargs)
+  by_keywords = evaluation.evaluate(None, "linear_regression", steps=4, seeds=1,
+                                    baselines=("adam",), learning_rates=(1e-2,),
+                                    num_eval_batches=1, timing_reps=0, **kwargs)
+  assert by_object["protocol"] == by_keywords["protocol"]
+  assert all(by_keywords["baselines"]["adam"]["cached"])  # the same cache key
+  # Keywords replace fields of a given protocol.
+  longer = evaluation.evaluate(None, "linear_regression", protocol=protocol, steps=8, **kwargs)
+  assert longer["protocol"]["steps"] == 8
+  with pytest.raises(ValueError, match="seeds must be a positive integer"):
+    evaluation.EvaluationProtocol(seeds=0)
+  with pytest.raises(ValueError, match=r"unknown baseline\(s\) \['lion'\]"):
+    evaluation.evaluate(None, "linear_regression", baselines=("lion",), **kwargs)
+  with pytest.raises(ValueError, match="learning rates of adam must be positive"):
+    evaluation.EvaluationProtocol(learning_rates={"adam": (0.0,)})
+  with pytest.raises(TypeError, match="unexpected keyword"):
+    evaluation.evaluate(None, "linear_regression", step=4, **kwargs)
 
 
 def test_evaluate_transformation_with_accuracy_and_divergence():

@@ -73,6 +73,11 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
     assert summary["optimizers"]["mine"]["step_cost_ratio"] > 0
   assert "| digits_mlp (outside CIFAR-10) | 60 |" in (out / "results.md").read_text()
   assert (out / "loss_curves.png").stat().st_size > 0
+  # The per-step curves are in curves.json, not results.json; read_results joins them.
+  assert all("curves" not in m for m in results["models"])
+  joined = suite.read_results(out)["models"]
+  assert [m["model"] for m in joined] == [m["model"] for m in results["models"]]
+  assert all(set(m["curves"]) == {"adam", "mine"} for m in joined)
   # Every run is cached: a second invocation trains nothing and gives the same summary.
   cached = sorted(p.name for p in (out / "runs" / "digits_mlp").iterdir())
   assert len(cached) >= 6 + 2

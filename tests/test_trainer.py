@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,17 +65,22 @@ def test_same_seed_is_bit_identical(uninterrupted, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
-  trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=6)  # checkpoint at 4
-  # Simulate losing the work after the last checkpoint: drop checkpoints past step 4.
-  state = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train()
+  trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=6)  # saves 4 and 6
+  # Simulate losing the work after step 4: step 6's checkpoint is gone, its metrics are not.
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
+  assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6]
+  runner = trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False)
+  assert runner.checkpoint_manager().latest_step() == 4
+  state = runner.train()
   _assert_bit_identical(uninterrupted[1]["meta_params"], state["meta_params"])
   assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8, 10, 12]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
   trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=4)
-  other = SHORT.with_overrides(["sigma=0.5"])
-  with pytest.raises(trainer_lib.WorkdirError, match=r"sigma: stored 0.01, requested 0.5"):
+  other = SHORT.with_overrides(["estimator.sigma=0.5"])
+  with pytest.raises(trainer_lib.WorkdirError,
+                     match=r"estimator.sigma: stored 0.01, requested 0.5"):
     trainer_lib.MetaTrainer(other, tmp_path, progress=False).train()
   # Run-control keys may change on resume.
   longer = SHORT.with_overrides(["steps=6", "log_every=3"])
@@ -124,9 +130,9 @@ def test_nonfinite_meta_gradients_are_skipped_and_counted(tmp_path):
 
 
 def test_diverging_inner_runs_are_reset_and_counted(tmp_path):
-  config = SHORT.with_overrides(["divergence_loss=1e-9", "steps=4"])
+  config = SHORT.with_overrides(["truncation.divergence_loss=1e-9", "steps=4"])
   state = trainer_lib.MetaTrainer(config, tmp_path, progress=False).train()
-  particles = config.estimator_config().num_particles
+  particles = config.estimator.num_particles
   assert float(state["counters"]["divergences"]) == 4 * particles
   # Every truncation after the first starts with a reset of every run.
   assert float(state["counters"]["resets"]) >= 3 * particles
@@ -308,3 +314,39 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
   one = optax_learned.load_weights(trainer_lib.export(tmp_path / "one", tmp_path / "e1"))[1]
   for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(one), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_runs_of_the_earlier_layout_resume(uninterrupted, tmp_path):
+  """A work directory from before the config sections and the typed state: a flat
+  config.json, and PES's runs beside ``positive`` in plain dicts. It resumes where it was."""
+  import orbax.checkpoint as ocp
+  from test_configs import legacy_dict
+  state = trainer_lib.MetaTrainer(SHORT, tmp_path / "new", progress=False).train(steps=4)
+  earlier = {
+      "step": state.step, "meta_params": state.meta_params,
+      "meta_opt_state": state.meta_opt_state, "counters": dict(state.counters),
+      "estimator_states": [{"positive": s.positive, "negative": s.es.negative,
+                            "accumulated": s.es.accumulated} for s in state.estimator_states],
+  }
+  old = tmp_path / "old"
+  manager = ocp.CheckpointManager(old / "checkpoints",
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(4, args=ocp.args.StandardSave(earlier))
+  manager.wait_until_finished()
+  (old / "config.json").write_text(json.dumps(legacy_dict(SHORT)))
+  shutil.copy(tmp_path / "new" / "metrics.jsonl", old / "metrics.jsonl")
+
+  resumed = trainer_lib.MetaTrainer(SHORT, old, progress=False).train()
+  _assert_bit_identical(uninterrupted[1].meta_params, resumed.meta_params)
+  assert json.loads((old / "config.json").read_text())["truncation"]["length"] == 5
+
+
+def test_a_checkpoint_of_another_state_is_named(tmp_path):
+  trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train(steps=4)
+  wider = SHORT.with_overrides(["optimizer.hidden_sizes=[4]"])
+  runner = trainer_lib.MetaTrainer(wider, tmp_path / "unused", progress=False)
+  with pytest.raises(trainer_lib.WorkdirError,
+                     match=r"checkpoint 4 in .* does not hold this run's state: \S*/b is "
+                           r"float32\[4, 8\], this run expects float32\[4, 4\]"):
+    runner.restore_or_init(trainer_lib.MetaTrainer(SHORT, tmp_path,
+                                                   progress=False).checkpoint_manager())

@@ -21,7 +21,8 @@ Generators:
   of the placeholder ``docs/_changelog_placeholder.md``.
 * ``tasks``: the registered tasks, task families (with their fields) and named configs.
 * ``metatrain-exports``: the names ``metatrain`` re-exports, linked to their module's docs.
-* ``benchmark-scripts``: a section per ``benchmarks/*.py`` with its module docstring.
+* ``benchmark-scripts``: a section per ``benchmarks/*.py`` (not ``__init__.py``) with its
+  module docstring.
 * ``benchmark-results``: an include of ``benchmarks/RESULTS.md`` if it exists.
 """
 
@@ -296,15 +297,18 @@ def bundled_markdown(dependencies: list[pathlib.Path] | None = None) -> str:
   for name, description in names.items():
     deps.append(root / name / "optimizer.json")
     metadata = optax_learned.load_metadata(name)
-    training = metadata.get("training_config") or {}
+    training = importlib.import_module("metatrain.configs").nest_legacy_keys(
+        metadata.get("training_config") or {})
+    estimator_section = training.get("estimator") or {}
+    truncation_section = training.get("truncation") or {}
     summary = metadata.get("summary") or {}
     lopt_config = json.loads((root / name / "optimizer.json").read_text())["optimizer"]
     trained_on = training.get("task_family") or training.get("task") or "?"
-    estimator = training.get("estimator", "?")
+    estimator = estimator_section.get("name", "?")
     if estimator == "merged":
-      estimator += f" ({training.get('merged_es', '?')})"
-    horizons = (f"{training['min_horizon']}–{training['max_horizon']}"
-                if "min_horizon" in training and "max_horizon" in training else "?")
+      estimator += f" ({estimator_section.get('merged_es', '?')})"
+    horizons = (f"{truncation_section['min_horizon']}–{truncation_section['max_horizon']}"
+                if {"min_horizon", "max_horizon"} <= set(truncation_section) else "?")
     card = root / name / "MODEL_CARD.md"
     hidden_sizes = code(str(tuple(lopt_config.get("hidden_sizes", ()))), in_table=True)
     recipe = (f"{code(trained_on, in_table=True)} with {code(estimator, in_table=True)}, "
@@ -388,12 +392,12 @@ def tasks_markdown(dependencies: list[pathlib.Path] | None = None) -> str:
     trained_on = (f"{config.num_task_variants} variants of the family "
                   f"{code(config.task_family, in_table=True)}" if config.task_family
                   else f"the task {code(config.task, in_table=True)}")
-    estimator = config.estimator + (f" ({config.merged_es})" if config.estimator == "merged"
-                                     else "")
-    settings = (f"{code(estimator, in_table=True)}, {config.num_tasks} tasks × "
-                f"{config.num_pairs} pairs, σ = {config.sigma}, truncations of "
-                f"{config.truncation_length}, horizons {config.min_horizon}–"
-                f"{config.max_horizon}, {config.steps} meta-steps")
+    est, trunc = config.estimator, config.truncation
+    estimator = est.name + (f" ({est.merged_es})" if est.name == "merged" else "")
+    settings = (f"{code(estimator, in_table=True)}, {est.num_tasks} tasks × "
+                f"{est.num_pairs} pairs, σ = {est.sigma}, truncations of "
+                f"{trunc.length}, horizons {trunc.min_horizon}–"
+                f"{trunc.max_horizon}, {config.steps} meta-steps")
     config_rows.append([code(name, in_table=True), trained_on, settings,
                         escape_markdown(description, in_table=True)])
   return "\n".join([
@@ -412,6 +416,8 @@ def benchmark_scripts_markdown(dependencies: list[pathlib.Path] | None = None) -
 
   lines = []
   for script in sorted((REPO_ROOT / "benchmarks").glob("*.py")):
+    if script.name.startswith("_"):  # __init__.py: the package, not a script
+      continue
     if dependencies is not None:
       dependencies.append(script)
     docstring = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8")))

@@ -12,6 +12,11 @@ every seed, and an interleaved step timing. Per model and horizon it reports
   mean of the run (the worst seed);
 - the step-cost ratio.
 
+The output directory gets ``results.json`` (the protocol and each model's summary),
+``curves.json`` (each model's mean training-loss curves, every 10th step: see
+:func:`summarize`), ``results.md`` and ``loss_curves.png``; runs are cached under ``runs/``.
+:func:`read_results` reads the first two back as one.
+
 Usage::
 
   python -m metatrain.generality --optimizer cifar --out runs/generality
@@ -34,7 +39,10 @@ from metatrain._json_io import atomic_write, jsonable
 from metatrain.generality import protocol
 from metatrain.generality.models import SuiteModel
 
-__all__ = ("main", "run_model", "summarize")
+__all__ = ("main", "read_results", "run_model", "summarize")
+
+RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.json"
 
 
 def smoothed(losses: np.ndarray, window: int) -> np.ndarray:
@@ -193,6 +201,36 @@ def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) ->
   plt.close(fig)
 
 
+def _write_json(out_dir: pathlib.Path, config: protocol.ProtocolConfig,
+                summaries: list[dict[str, Any]]) -> None:
+  """Writes ``results.json`` (the summaries without their curves) and ``curves.json``."""
+  curves = {"models": {s["model"]: s["curves"] for s in summaries}}
+  atomic_write(out_dir / CURVES_FILE, json.dumps(jsonable(curves)))
+  models = [{k: v for k, v in s.items() if k != "curves"} for s in summaries]
+  atomic_write(out_dir / RESULTS_FILE, json.dumps(jsonable(
+      {"protocol": config.__dict__, "models": models, "curves_file": CURVES_FILE}), indent=1))
+
+
+def read_results(out_dir: str | pathlib.Path) -> dict[str, Any]:
+  """The suite's ``results.json``, each model with its ``curves`` from ``curves.json``.
+
+  Args:
+    out_dir: the suite's output directory.
+
+  Returns:
+    ``{"protocol", "models"}`` as :func:`main` summarised them (a model without curves in
+    ``curves.json``, or every model when it is missing, has none).
+  """
+  out_dir = pathlib.Path(out_dir)
+  results = json.loads((out_dir / RESULTS_FILE).read_text())
+  results.pop("curves_file", None)
+  if (out_dir / CURVES_FILE).is_file():
+    curves = json.loads((out_dir / CURVES_FILE).read_text())["models"]
+    results["models"] = [{**m, "curves": curves[m["model"]]} if m["model"] in curves else m
+                         for m in results["models"]]
+  return results
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the suite from command-line arguments (see the module docstring); returns 0."""
   parser = argparse.ArgumentParser(
@@ -231,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{model.name}: {model.description}", flush=True)
     summaries.append(run_model(model, out_dir, config, learned, args.data_dir,
                                log=lambda line: print(line, flush=True)))
-  atomic_write(out_dir / "results.json", json.dumps(jsonable(
-      {"protocol": config.__dict__, "models": summaries}), indent=1))
+  _write_json(out_dir, config, summaries)
   tables = "\n\n".join(f"## {label}\n\n{markdown_table(summaries, label)}" for label in learned)
   atomic_write(out_dir / "results.md", tables + "\n")
   if learned:

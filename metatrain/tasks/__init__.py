@@ -10,10 +10,12 @@ from metatrain.tasks.families import (
     DigitsMLPFamily,
     LinearRegressionFamily,
     TaskFamily,
+    build_tasks,
     family_names,
     get_family,
     get_task,
     task_names,
+    with_data_dir,
 )
 from metatrain.tasks.quadratic import LinearRegressionTask
 
@@ -29,8 +31,10 @@ __all__ = [
     "MLPTask",
     "Task",
     "TaskFamily",
+    "build_tasks",
     "family_names",
     "get_family",
     "get_task",
     "task_names",
+    "with_data_dir",
 ]

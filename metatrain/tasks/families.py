@@ -230,3 +230,41 @@ def get_family(name: str, **overrides) -> TaskFamily:
   if name not in _FAMILIES:
     raise ValueError(f"unknown task family {name!r}; known families: {sorted(_FAMILIES)}")
   return _replace(_FAMILIES[name](), overrides)
+
+
+def with_data_dir(task_or_family, data_dir: str | None):
+  """``task_or_family`` pointed at ``data_dir`` when it reads a dataset and one is given.
+
+  Tasks and families without a ``data_dir`` field (linear regression, digits) are returned
+  unchanged, so one ``--data-dir`` option serves every task.
+  """
+  if data_dir is None or "data_dir" not in {f.name for f in dataclasses.fields(task_or_family)}:
+    return task_or_family
+  return dataclasses.replace(task_or_family, data_dir=data_dir)
+
+
+def build_tasks(task: str, *, family: str = "", num_variants: int = 1,
+                overrides: dict | None = None, seed: int = 0,
+                data_dir: str | None = None) -> list[base.Task]:
+  """The tasks of a meta-training run: one named task, or samples of a task family.
+
+  Args:
+    task: a name of :func:`task_names`, used when ``family`` is empty.
+    family: a name of :func:`family_names`; ``num_variants`` tasks are sampled from it, the
+      ``i``-th with seed ``seed * 1000 + i``.
+    num_variants: how many tasks to sample from ``family``.
+    overrides: fields replaced in the task or family (lists become tuples).
+    seed: seeds the family's samples.
+    data_dir: where datasets are, for tasks that read one (``None``: their default).
+
+  Returns:
+    The tasks, in meta-training order.
+
+  Raises:
+    ValueError: an unknown task or family, or an override that is not one of its fields.
+  """
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
+  if family:
+    sampler = with_data_dir(get_family(family, **fields), data_dir)
+    return [sampler.sample(seed * 1000 + i) for i in range(num_variants)]
+  return [with_data_dir(get_task(task, **fields), data_dir)]
