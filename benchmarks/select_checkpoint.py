@@ -9,21 +9,31 @@ that the final evaluation uses. It prints one row per candidate: final training 
 validation loss, and steps to reach Adam's final training loss. The candidate with the lowest
 final validation loss is printed last.
 
+With ``--json`` it also writes the scores with each export's meta-steps and the run's
+wall-clock hours at that step (from ``--metrics``, the run's ``metrics.jsonl``, else from the
+export's metadata), and with ``--plot`` the compute-quality curve: final meta-validation loss
+against meta-training hours, beside Adam's.
+
 Usage::
 
   export OPTAX_LEARNED_DATA=/path/to/cifar10
   python -m benchmarks.select_checkpoint runs/exp/step_300 runs/exp/step_400 --seeds 2
+  python -m benchmarks.select_checkpoint exports/s* --metrics runs/exp/metrics.jsonl \
+      --json curve.json --plot curve.png
 """
 
 import argparse
+import json
 import logging
 import math
+import pathlib
 import sys
 
 import numpy as np
 
 import optax_learned
 from metatrain import evaluation, tasks
+from metatrain._json_io import jsonable
 
 SELECTION_SEED_OFFSET = 20_000
 
@@ -35,9 +45,48 @@ def score(run: evaluation.Run, target: float) -> dict:
   return {"train": mean["train_loss"][-1], "valid": mean["valid_loss"][-1], "steps": step}
 
 
+def meta_training_hours(path: str, metrics: pathlib.Path | None) -> tuple[int | None,
+                                                                         float | None]:
+  """An export's meta-steps and the run's wall-clock hours when it was written."""
+  summary = optax_learned.load_metadata(path).get("summary") or {}
+  steps, seconds = summary.get("meta_steps"), summary.get("wall_time_seconds")
+  if metrics is not None and steps is not None:
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    at = [r["wall_time"] for r in records if r.get("step") == steps]
+    seconds = at[-1] if at else seconds
+  return steps, None if seconds is None else seconds / 3600
+
+
+def plot_curve(runs: dict[str, dict], path: pathlib.Path) -> None:
+  """Final meta-validation loss against meta-training hours, one curve per run (label to the
+  results of ``--json``), with the first run's Adam as a line."""
+  import matplotlib  # noqa: PLC0415 (only with --plot)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, results in runs.items():
+    points = sorted((c["hours"], c["valid"], c["meta_steps"]) for c in results["checkpoints"]
+                    if c["hours"] is not None)
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+    for hours, valid, steps in points:
+      ax.annotate(str(steps), (hours, valid), textcoords="offset points", xytext=(3, 4),
+                  fontsize="x-small")
+  results = next(iter(runs.values()))
+  ax.axhline(results["adam"]["valid"], color="gray", ls="--",
+             label=f"Adam {results['adam']['learning_rate']:g}")
+  ax.set_xlabel("meta-training wall-clock hours")
+  ax.set_ylabel(f"final meta-validation loss ({results['steps']} steps)")
+  ax.set_title(f"{results['task']}: quality against meta-training compute")
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("checkpoints", nargs="+", help="exported checkpoint directories")
+  parser.add_argument("checkpoints", nargs="*", help="exported checkpoint directories")
   parser.add_argument("--task", default="cifar_conv_32")
   parser.add_argument("--steps", type=int, default=1000)
   parser.add_argument("--seeds", type=int, default=2)
@@ -45,8 +94,28 @@ def main(argv: list[str] | None = None) -> int:
                       help="Adam's learning rate (the tuned one of the evaluation protocol)")
   parser.add_argument("--holdout_size", type=int, default=5000,
                       help="rows kept out of training, as in the recipe (not validated on)")
+  parser.add_argument("--metrics", type=pathlib.Path, default=None,
+                      help="the run's metrics.jsonl (wall-clock time at each export's step)")
+  parser.add_argument("--json", type=pathlib.Path, default=None, help="write the scores here")
+  parser.add_argument("--plot", type=pathlib.Path, default=None,
+                      help="write the compute-quality curve here (PNG)")
+  parser.add_argument("--plot-from", nargs="+", default=None, metavar="LABEL=JSON",
+                      help="only plot: the curves of earlier --json outputs (no training)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
+  if args.plot_from:
+    if not args.plot:
+      parser.error("--plot-from needs --plot PATH")
+    runs = {}
+    for item in args.plot_from:
+      label, sep, path = item.partition("=")
+      if not sep:
+        parser.error(f"--plot-from expects LABEL=JSON, got {item!r}")
+      runs[label] = json.loads(pathlib.Path(path).read_text())
+    plot_curve(runs, args.plot)
+    return 0
+  if not args.checkpoints:
+    parser.error("give exported checkpoint directories (or --plot-from)")
 
   task = tasks.get_task(args.task, conv_impl="lax", holdout_size=args.holdout_size,
                         validate_on="valid")
@@ -68,6 +137,18 @@ def main(argv: list[str] | None = None) -> int:
   best = min(scores, key=lambda p: scores[p]["valid"] if math.isfinite(scores[p]["valid"])
              else np.inf)
   print(f"best by meta-validation loss: {best}")
+  results = {"task": args.task, "steps": args.steps, "seeds": args.seeds,
+             "adam": {"learning_rate": args.adam_learning_rate, "train": target,
+                      "valid": adam["mean"]["valid_loss"][-1]},
+             "checkpoints": []}
+  for path, s in scores.items():
+    meta_steps, hours = meta_training_hours(path, args.metrics)
+    results["checkpoints"].append({"path": path, "meta_steps": meta_steps, "hours": hours,
+                                   **s})
+  if args.json:
+    args.json.write_text(json.dumps(jsonable(results), indent=2) + "\n")
+  if args.plot:
+    plot_curve({"learned optimizer": results}, args.plot)
   return 0
 
 

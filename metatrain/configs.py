@@ -231,6 +231,17 @@ def _checked(name: str, value: Any, expected: Any) -> Any:
   return value
 
 
+_CIFAR = RunConfig(
+    task="cifar_conv_16", task_family="cifar", num_task_variants=16,
+    task_overrides={"holdout_size": 5000, "resolutions": [16, 32]},
+    estimator=estimators_lib.EstimatorConfig(name="pes", num_tasks=8, num_pairs=2, sigma=0.01),
+    truncation=truncation_lib.TruncationConfig(length=20, min_horizon=200, max_horizon=3000,
+                                               loss_clip=5.0, divergence_loss=20.0),
+    meta_learning_rate=3e-3, optimizer={}, steps=20000, seed=12, log_every=20,
+    checkpoint_every=100,
+    description="meta-trained on a broad family of small CIFAR-10 ConvNets and MLPs "
+                "(validation loss, PES)")
+
 CONFIGS: dict[str, tuple[RunConfig, str]] = {
     "quadratic": (RunConfig(
         task="linear_regression",
@@ -248,18 +259,17 @@ CONFIGS: dict[str, tuple[RunConfig, str]] = {
         meta_learning_rate=3e-3, optimizer={"hidden_sizes": [16]}, steps=1500, log_every=10,
         checkpoint_every=100, description="meta-trained on an MLP on sklearn's 8x8 digits"),
         "about 2 minutes on 2 CPU cores: PES on the digits MLP, validation loss (bundled digits)"),
-    "cifar": (RunConfig(
-        task="cifar_conv_16", task_family="cifar", num_task_variants=16,
-        task_overrides={"holdout_size": 5000, "resolutions": [16, 32]},
-        estimator=estimators_lib.EstimatorConfig(name="pes", num_tasks=8, num_pairs=2, sigma=0.01),
-        truncation=truncation_lib.TruncationConfig(length=20, min_horizon=200, max_horizon=3000,
-                                               loss_clip=5.0, divergence_loss=20.0),
-        meta_learning_rate=3e-3, optimizer={}, steps=20000, seed=12, log_every=20,
-        checkpoint_every=100,
+    "cifar": (_CIFAR,
+              "the bundled cifar recipe: PES over a broad CIFAR-10 family (ConvNets with pooled "
+              "or flattened heads, with and without normalisation, and MLPs), validation loss"),
+    "cifar_growing": (dataclasses.replace(
+        _CIFAR,
+        truncation=dataclasses.replace(_CIFAR.truncation, max_segments=4, growth_steps=200,
+                                       jitter=0.2),
         description="meta-trained on a broad family of small CIFAR-10 ConvNets and MLPs "
-                    "(validation loss, PES)"),
-        "the bundled cifar recipe: PES over a broad CIFAR-10 family (ConvNets with pooled "
-        "or flattened heads, with and without normalisation, and MLPs), validation loss"),
+                    "(validation loss, PES, truncations growing from 20 to 80 steps)"),
+        "experimental (issue #14): the cifar recipe with truncations growing from 20 to 80 "
+        "inner steps over 200 meta-steps, jittered 0.8-1.2x"),
 }
 
 

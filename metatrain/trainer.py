@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import optax_learned
 from metatrain import estimators, plots
+from metatrain import truncation as truncation_lib
 from metatrain._json_io import atomic_write, jsonable
 from metatrain.configs import RunConfig
 from metatrain.tasks import base, build_tasks
@@ -47,6 +48,7 @@ __all__ = ("Counters", "Interrupted", "MetaTrainState", "MetaTrainer", "WorkdirE
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+_SCHEDULE_STREAM = 0x7E6  # folded into a meta-step's key for its truncation-length jitter
 
 
 class WorkdirError(RuntimeError):
@@ -222,8 +224,10 @@ class MetaTrainer:
 
   def _meta_step(self, slot: int, state: MetaTrainState, data: base.Data):
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
+    num_segments = truncation_lib.scheduled_segments(
+        self.config.truncation, state.step, jax.random.fold_in(key, _SCHEDULE_STREAM))
     gradient, est_state, diagnostics = self.estimators[slot].estimate(
-        state.meta_params, state.estimator_states[slot], key, data)
+        state.meta_params, state.estimator_states[slot], key, data, num_segments)
     finite = _all_finite(gradient)
     updates, opt_state = self.meta_optimizer.update(gradient, state.meta_opt_state,
                                                     state.meta_params)

@@ -9,12 +9,20 @@ uniform fraction so that instances do not reset in lockstep.
 
 Antithetic partners share ``run_key`` and therefore initial parameters, batches and horizons.
 
+Truncations may grow during meta-training (Metz et al. 2019 grow them from 10 steps towards
+the full inner horizon): with ``max_segments > 1`` a meta-step unrolls ``K`` consecutive
+segments of ``length`` steps (:func:`unroll_segments`), ``K`` following
+:func:`scheduled_segments`. One compiled function serves every ``K``: segments past ``K`` are
+skipped by ``lax.cond`` and masked out of the outputs (``measured``), and each segment is
+rematerialised in the backward pass, so pathwise gradients store one segment's intermediates.
+
 References:
   Metz et al. 2019, "Understanding and correcting pathologies in the training of learned
   optimizers", ICML. arXiv:1810.10180.
 """
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Protocol
 
 import chex
@@ -25,8 +33,9 @@ import optax
 from metatrain.tasks import base
 
 __all__ = ("InnerState", "LearnedOptimizerLike", "TruncationConfig", "UnrollOutput", "diverged",
-           "force_reset", "init_inner_state", "meta_loss_term", "resets_before_measurements",
-           "sample_horizon", "unroll")
+           "force_reset", "init_inner_state", "masked_mean", "meta_loss_term",
+           "resets_before_measurements", "sample_horizon", "scheduled_segments", "unroll",
+           "unroll_segments")
 
 MetaParams = Any
 
@@ -64,6 +73,16 @@ class TruncationConfig:
       reset at the start of the next truncation and counted as diverged.
     stagger: shorten each instance's first run by a uniform fraction so that instances
       started together do not reset in lockstep.
+    max_segments: truncations grow up to ``max_segments * length`` inner steps, in segments
+      of ``length`` (:func:`unroll_segments`); 1: every truncation is ``length`` steps.
+    growth_steps: meta-steps over which the number of segments grows linearly from 1 to
+      ``max_segments`` (0: ``max_segments`` from the first meta-step).
+    jitter: the scheduled number of segments is multiplied by a uniform factor in
+      ``[1 - jitter, 1 + jitter]`` before rounding (Metz et al. 2019 use 0.2), so that
+      truncation ends do not line up across meta-steps.
+
+  References:
+    Metz et al. 2019, arXiv:1810.10180, Appendix (the unroll-length schedule).
   """
   length: int = 20
   min_horizon: int = 200
@@ -75,6 +94,9 @@ class TruncationConfig:
   stagger: bool = True
   meta_loss_every: int = 1
   remat: bool = False
+  max_segments: int = 1
+  growth_steps: int = 0
+  jitter: float = 0.0
 
   def __post_init__(self):
     if self.length < 1:
@@ -90,6 +112,16 @@ class TruncationConfig:
     base.check_split(self.meta_loss_split)
     if self.loss_clip <= 0:
       raise ValueError(f"truncation.loss_clip must be positive, got {self.loss_clip}")
+    if self.max_segments < 1 or self.growth_steps < 0:
+      raise ValueError(f"truncation.max_segments must be >= 1 and truncation.growth_steps >= 0, "
+                       f"got {self.max_segments} and {self.growth_steps}")
+    if not 0.0 <= self.jitter < 1.0:
+      raise ValueError(f"truncation.jitter must be in [0, 1), got {self.jitter}")
+
+  @property
+  def max_length(self) -> int:
+    """The longest truncation, ``max_segments * length`` inner steps."""
+    return self.max_segments * self.length
 
 
 class InnerState(NamedTuple):
@@ -102,14 +134,16 @@ class InnerState(NamedTuple):
 
 
 class UnrollOutput(NamedTuple):
-  """Outputs of :func:`unroll`.
+  """Outputs of :func:`unroll` and :func:`unroll_segments`.
 
-  ``meta_losses`` has one entry per measurement (``[length // meta_loss_every]``),
-  the others one per step (``[length]``).
+  ``meta_losses`` and ``measured`` have one entry per measurement (``[length //
+  meta_loss_every]`` per segment), the others one per step (``[length]`` per segment).
+  Entries of skipped segments are zero (``False``) and not ``measured``.
   """
   meta_losses: jax.Array   # the (clipped, optionally log) meta-loss at each measurement
   train_losses: jax.Array  # the raw training loss of each step
   resets: jax.Array        # bool: a new run started at the start of this step
+  measured: jax.Array      # bool: this measurement was taken (its segment ran)
 
 
 def resets_before_measurements(config: TruncationConfig, resets: jax.Array) -> jax.Array:
@@ -124,7 +158,9 @@ def resets_before_measurements(config: TruncationConfig, resets: jax.Array) -> j
     ``(j + 1) * meta_loss_every - 1``) is true when a reset happened in its window of steps,
     so that a cumulative "any" over measurements tells which ones follow a reset.
   """
-  chex.assert_axis_dimension(resets, -1, config.length)
+  if resets.shape[-1] % config.length:
+    raise ValueError(f"resets must cover whole segments of {config.length} steps, got "
+                     f"{resets.shape[-1]}")
   windows = resets.reshape(resets.shape[:-1] + (-1, config.meta_loss_every))
   return jnp.any(windows, axis=-1)
 
@@ -221,7 +257,74 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
 
   num_windows = config.length // config.meta_loss_every
   state, (meta_losses, train_losses, resets) = jax.lax.scan(window, state, length=num_windows)
-  return state, UnrollOutput(meta_losses, train_losses.reshape(-1), resets.reshape(-1))
+  return state, UnrollOutput(meta_losses, train_losses.reshape(-1), resets.reshape(-1),
+                             jnp.ones(meta_losses.shape, bool))
+
+
+def masked_mean(values: jax.Array, mask: jax.Array, axis: int | None = None) -> jax.Array:
+  """The mean of ``values`` where ``mask`` holds (over ``axis``; all axes if ``None``)."""
+  return jnp.sum(jnp.where(mask, values, 0.0), axis=axis) / jnp.maximum(
+      jnp.sum(mask, axis=axis), 1)
+
+
+def scheduled_segments(config: TruncationConfig, step: jax.Array,
+                       key: chex.PRNGKey) -> jax.Array:
+  """The number of segments of meta-step ``step`` (int32 scalar in ``[1, max_segments]``).
+
+  It grows linearly from 1 at step 0 to ``max_segments`` at ``growth_steps``, then stays;
+  with ``jitter`` it is multiplied by a uniform factor drawn from ``key`` before rounding.
+
+  References:
+    Metz et al. 2019, arXiv:1810.10180: unroll lengths grow linearly towards the full
+    inner horizon, jittered by 0.8-1.2x.
+  """
+  if config.max_segments == 1:
+    return jnp.ones([], jnp.int32)
+  progress = (jnp.minimum(jnp.asarray(step, jnp.float32) / config.growth_steps, 1.0)
+              if config.growth_steps else 1.0)
+  target = 1.0 + (config.max_segments - 1) * progress
+  if config.jitter:
+    target = target * jax.random.uniform(key, (), minval=1.0 - config.jitter,
+                                         maxval=1.0 + config.jitter)
+  return jnp.clip(jnp.round(target), 1, config.max_segments).astype(jnp.int32)
+
+
+def unroll_segments(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig,
+                    meta_params: MetaParams, state: InnerState, data: base.Data,
+                    num_segments: jax.Array | int = 1) -> tuple[InnerState, UnrollOutput]:
+  """Runs ``num_segments`` consecutive segments of :func:`unroll` (one truncation).
+
+  With ``config.max_segments == 1`` this is :func:`unroll`. Otherwise ``lax.scan`` runs
+  ``max_segments`` slots, each a rematerialised :func:`unroll` under ``lax.cond``: slots past
+  ``num_segments`` are skipped (the state passes through, their outputs are zero and not
+  ``measured``). ``num_segments`` must be the same for every particle (unbatched), so that
+  the ``cond`` stays a branch under ``vmap``.
+
+  Args:
+    task: the inner problem.
+    lopt: the learned optimizer.
+    config: truncation settings.
+    meta_params: the optimizer weights.
+    state: the run in progress (unbatched).
+    data: the task's arrays.
+    num_segments: segments to run, in ``[1, config.max_segments]`` (may be traced).
+
+  Returns:
+    The state after ``num_segments * config.length`` steps and the outputs, with
+    ``max_segments`` segments' entries.
+  """
+  if config.max_segments == 1:
+    return unroll(task, lopt, config, meta_params, state, data)
+  segment = jax.checkpoint(functools.partial(unroll, task, lopt, config))
+  shapes = jax.eval_shape(segment, meta_params, state, data)[1]
+
+  def slot(state, index):
+    run = lambda s: segment(meta_params, s, data)
+    skip = lambda s: (s, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+    return jax.lax.cond(index < num_segments, run, skip, state)
+
+  state, outputs = jax.lax.scan(slot, state, jnp.arange(config.max_segments))
+  return state, jax.tree.map(lambda x: x.reshape(-1), outputs)
 
 
 def diverged(config: TruncationConfig, output: UnrollOutput) -> jax.Array:

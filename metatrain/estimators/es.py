@@ -52,7 +52,8 @@ def antithetic_es_gradient(eps: MetaParams, loss_differences: jax.Array,
 
 
 def pes_gradient(eps: MetaParams, accumulated: MetaParams, step_differences: jax.Array,
-                 resets: jax.Array, sigma: float) -> tuple[MetaParams, MetaParams]:
+                 resets: jax.Array, sigma: float, measured: jax.Array | None = None
+                 ) -> tuple[MetaParams, MetaParams]:
   """Per-sample persistent ES gradients and the new accumulated perturbations.
 
   The loss difference of measurement ``m`` is attributed to every perturbation that shaped the
@@ -66,6 +67,8 @@ def pes_gradient(eps: MetaParams, accumulated: MetaParams, step_differences: jax
     resets: bool ``[S, M]``: a new run started since the previous measurement (at or before
       measurement ``m``); see :func:`metatrain.truncation.resets_before_measurements`.
     sigma: the smoothing scale.
+    measured: bool ``[S, M]``: which measurements were taken (skipped segments of a
+      growing truncation are not); default all.
 
   Returns:
     ``(gradients, new_accumulated)``, both shaped like ``eps``; ``new_accumulated`` is cleared
@@ -75,10 +78,14 @@ def pes_gradient(eps: MetaParams, accumulated: MetaParams, step_differences: jax
     Vicol et al. 2021, arXiv:2112.13835, Algorithm 2.
   """
   chex.assert_equal_shape([step_differences, resets])
+  measured = jnp.ones(resets.shape, bool) if measured is None else measured
   before_reset = jnp.cumsum(resets, axis=1) == 0
-  current = antithetic_es_gradient(eps, jnp.mean(step_differences, axis=1), sigma)
+  count = jnp.maximum(jnp.sum(measured, axis=1), 1)
+  current = antithetic_es_gradient(
+      eps, jnp.sum(jnp.where(measured, step_differences, 0.0), axis=1) / count, sigma)
   earlier = antithetic_es_gradient(
-      accumulated, jnp.mean(jnp.where(before_reset, step_differences, 0.0), axis=1), sigma)
+      accumulated,
+      jnp.sum(jnp.where(before_reset & measured, step_differences, 0.0), axis=1) / count, sigma)
   gradients = jax.tree.map(jnp.add, current, earlier)
   keep = ~jnp.any(resets, axis=1)
   new_accumulated = jax.tree.map(
@@ -131,7 +138,8 @@ class AntitheticES:
               ) -> tuple[MetaParams, tuple, truncation_lib.UnrollOutput]:
     del truncation
     _, negative = unroll(pair.theta_negative, pair.start)
-    differences = jnp.mean(pair.positive.meta_losses - negative.meta_losses, axis=1)
+    differences = truncation_lib.masked_mean(pair.positive.meta_losses - negative.meta_losses,
+                                             pair.positive.measured, axis=1)
     return antithetic_es_gradient(pair.eps, differences, sigma), state, negative
 
   def reset(self, state: tuple, mask: jax.Array) -> tuple:
@@ -174,7 +182,7 @@ class PersistentES:
     resets = truncation_lib.resets_before_measurements(truncation, pair.positive.resets)
     gradients, accumulated = pes_gradient(
         pair.eps, state.accumulated, pair.positive.meta_losses - negative.meta_losses, resets,
-        sigma)
+        sigma, pair.positive.measured)
     return gradients, PersistentESState(negative=negative_runs, accumulated=accumulated), negative
 
   def reset(self, state: PersistentESState, mask: jax.Array) -> PersistentESState:

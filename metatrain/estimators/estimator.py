@@ -176,7 +176,8 @@ class Estimator:
                           es=() if side is None else side.init(positive, meta_params))
 
   def estimate(self, meta_params: MetaParams, state: EstimatorState, key: chex.PRNGKey,
-               data: base.Data) -> tuple[MetaParams, EstimatorState, dict[str, jax.Array]]:
+               data: base.Data, num_segments: jax.Array | int = 1
+               ) -> tuple[MetaParams, EstimatorState, dict[str, jax.Array]]:
     """Estimates the meta-gradient over one truncation and advances the inner runs.
 
     Args:
@@ -184,6 +185,9 @@ class Estimator:
       state: from :meth:`init` or the previous call.
       key: fresh randomness for this truncation's perturbations.
       data: the task's arrays.
+      num_segments: the truncation's segments of ``truncation.length`` steps, in ``[1,
+        truncation.max_segments]`` (see :func:`~metatrain.truncation.scheduled_segments`);
+        one compiled function serves every value.
 
     Returns:
       ``(gradient, new_state, diagnostics)``: the gradient is shaped like ``meta_params``;
@@ -194,8 +198,8 @@ class Estimator:
     chunk = cfg.resolved_particle_chunk()
 
     def unroll(theta, runs):
-      step = lambda args: truncation_lib.unroll(self.task, self.lopt, self.truncation, *args,
-                                                data)
+      step = lambda args: truncation_lib.unroll_segments(self.task, self.lopt, self.truncation,
+                                                         *args, data, num_segments)
       return particles.map_particles(step, (theta, runs), chunk)
 
     eps = particles.sample_perturbations(meta_params, key, cfg.num_particles, cfg.sigma)
@@ -205,7 +209,7 @@ class Estimator:
     if spec.pathwise:
       pathwise_samples, new_pos, out_pos = pathwise_gradient(
           self.task, self.lopt, self.truncation, theta_pos, state.positive, data,
-          particle_chunk=chunk)
+          particle_chunk=chunk, num_segments=num_segments)
       diagnostics["pathwise_variance"] = particles.mean_variance(pathwise_samples)
       diagnostics["pathwise_norm"] = particles.global_norm(
           particles.mean_over_samples(pathwise_samples))
@@ -232,9 +236,13 @@ class Estimator:
     new_state = EstimatorState(positive=truncation_lib.force_reset(new_pos, diverged),
                                es=es_state)
     chex.assert_trees_all_equal_shapes_and_dtypes(gradient, meta_params)
+    stepped = jnp.repeat(out_pos.measured, self.truncation.meta_loss_every, axis=-1)
     diagnostics.update(
-        meta_loss=jnp.mean(jnp.stack([jnp.mean(out.meta_losses) for out in outputs])),
-        train_loss=jnp.mean(out_pos.train_losses),
+        meta_loss=jnp.mean(jnp.stack([truncation_lib.masked_mean(out.meta_losses, out.measured)
+                                      for out in outputs])),
+        train_loss=truncation_lib.masked_mean(out_pos.train_losses, stepped),
+        truncation_length=(self.truncation.length * jnp.asarray(num_segments)).astype(
+            jnp.float32),
         grad_norm=particles.global_norm(gradient),
         resets=jnp.sum(out_pos.resets).astype(jnp.float32),
         divergences=jnp.sum(diverged).astype(jnp.float32))
