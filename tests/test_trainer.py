@@ -115,8 +115,9 @@ def test_nonfinite_meta_gradients_are_skipped_and_counted(tmp_path):
   class PoisonOnStep3:
     init = estimator.init
 
-    def estimate(self, meta_params, state, key, data):
-      gradient, state, diagnostics = estimator.estimate(meta_params, state, key, data)
+    def estimate(self, meta_params, state, key, data, num_segments=1):
+      gradient, state, diagnostics = estimator.estimate(meta_params, state, key, data,
+                                                        num_segments)
       poison = jnp.all(key == jax.random.fold_in(jax.random.PRNGKey(SHORT.seed), 3))
       gradient = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), gradient)
       return gradient, state, diagnostics
