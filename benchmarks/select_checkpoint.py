@@ -23,6 +23,7 @@ Usage::
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -51,10 +52,15 @@ def meta_training_hours(path: str, metrics: pathlib.Path | None) -> tuple[int | 
   summary = optax_learned.load_metadata(path).get("summary") or {}
   steps, seconds = summary.get("meta_steps"), summary.get("wall_time_seconds")
   if metrics is not None and steps is not None:
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    at = [r["wall_time"] for r in records if r.get("step") == steps]
-    seconds = at[-1] if at else seconds
+    seconds = _wall_times(metrics).get(steps, seconds)
   return steps, None if seconds is None else seconds / 3600
+
+
+@functools.cache
+def _wall_times(metrics: pathlib.Path) -> dict[int, float]:
+  """Wall-clock seconds by meta-step of a run's ``metrics.jsonl`` (read once per file)."""
+  records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+  return {r["step"]: r["wall_time"] for r in records if "step" in r}
 
 
 def plot_curve(runs: dict[str, dict], path: pathlib.Path) -> None:

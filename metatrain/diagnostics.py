@@ -335,19 +335,15 @@ def _unit_direction(tree: MetaParams, key: chex.PRNGKey) -> MetaParams:
 # -- output ------------------------------------------------------------------------------
 
 
-def _as_floats(values: list) -> np.ndarray:
-  return float_array(values)
-
-
 def _plot(report: dict[str, Any], out_dir: pathlib.Path) -> None:
   """Draws the three figures of the report into ``out_dir``."""
   lengths = report["lengths"]
   colors = plt.cm.viridis(np.linspace(0.0, 0.9, len(lengths)))
 
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  alphas = _as_floats(report["slice"]["alphas"])
+  alphas = float_array(report["slice"]["alphas"])
   for length, curve, color in zip(lengths, report["slice"]["meta_loss"], colors, strict=True):
-    ax.plot(alphas, _as_floats(curve), color=color, label=f"{length} steps")
+    ax.plot(alphas, float_array(curve), color=color, label=f"{length} steps")
   ax.set_xlabel(r"$\alpha$ (weights + $\alpha$ $\cdot$ random unit direction)")
   ax.set_ylabel("meta-loss")
   ax.set_title(f"meta-loss slice, {report['task']}")
@@ -355,8 +351,8 @@ def _plot(report: dict[str, Any], out_dir: pathlib.Path) -> None:
   _save(fig, out_dir / PLOT_FILES["slice"])
 
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  ax.plot(lengths, _as_floats(report["pathwise_norm"]), "o-", label="norm of the estimate")
-  ax.plot(lengths, _as_floats(report["pathwise_sample_norm"]), "s--",
+  ax.plot(lengths, float_array(report["pathwise_norm"]), "o-", label="norm of the estimate")
+  ax.plot(lengths, float_array(report["pathwise_sample_norm"]), "s--",
           label="RMS per-sample norm")
   ax.set_xscale("log")
   ax.set_yscale("log")
@@ -369,7 +365,7 @@ def _plot(report: dict[str, Any], out_dir: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(5.5, 4))
   styles = {"pathwise": "o-", "es": "s-", "pes": "x--", "merged": "d-"}
   for name, values in report["variance"].items():
-    ax.plot(lengths, _as_floats(values), styles.get(name, "o-"), label=name)
+    ax.plot(lengths, float_array(values), styles.get(name, "o-"), label=name)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel("unroll length (inner steps)")

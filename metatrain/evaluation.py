@@ -146,13 +146,7 @@ def evaluate_transformation(
     seed_offset: added to the seed index; keep it away from meta-training seeds.
 
   Returns:
-    A JSON-serialisable dict: ``steps`` (evaluation steps), ``seeds`` (PRNG seeds),
-    per-seed lists (one row per seed, one column per evaluation step) ``train_loss``,
-    ``train_loss_window`` (mean minibatch loss since the previous evaluation; NaN at step 0),
-    ``valid_loss``, ``accuracy`` (``None`` for tasks without accuracy) and ``seconds``
-    (cumulative training wall-clock); per seed ``seconds_per_step`` and ``diverged``;
-    ``compile_seconds`` (the warm-up); and ``mean``, the means over seeds of the curves
-    and of ``seconds_per_step``. Values after a divergence are NaN.
+    The run, as :func:`metatrain.measurement.train` returns it.
 
   Raises:
     ValueError: an unknown task name or a count that is not a positive integer.
