@@ -270,6 +270,13 @@ CONFIGS: dict[str, tuple[RunConfig, str]] = {
                     "(validation loss, PES, truncations growing from 20 to 80 steps)"),
         "experimental (issue #14): the cifar recipe with truncations growing from 20 to 80 "
         "inner steps over 200 meta-steps, jittered 0.8-1.2x"),
+    "cifar_late": (dataclasses.replace(
+        _CIFAR,
+        truncation=dataclasses.replace(_CIFAR.truncation, late_weight_power=2.0),
+        description="meta-trained on a broad family of small CIFAR-10 ConvNets and MLPs "
+                    "(validation loss weighted by (t / horizon)^2, PES)"),
+        "experimental (issue #13): the cifar recipe with each run's validation losses "
+        "weighted by (t / horizon)^2, towards the loss at the end of training"),
 }
 
 

@@ -80,6 +80,12 @@ class TruncationConfig:
     jitter: the scheduled number of segments is multiplied by a uniform factor in
       ``[1 - jitter, 1 + jitter]`` before rounding (Metz et al. 2019 use 0.2), so that
       truncation ends do not line up across meta-steps.
+    late_weight_power: each meta-loss measurement is weighted by ``(t / horizon) **
+      late_weight_power``, ``t`` the steps its run has taken: 0 (the default) weighs the
+      whole inner run alike (the mean over the unroll of Metz et al. 2019); larger values
+      move the objective towards the end of each run, the loss a user sees when training
+      stops. The weight depends on the run's step and horizon, not on the optimizer
+      weights, so PES stays unbiased for the weighted objective.
 
   References:
     Metz et al. 2019, arXiv:1810.10180, Appendix (the unroll-length schedule).
@@ -97,6 +103,7 @@ class TruncationConfig:
   max_segments: int = 1
   growth_steps: int = 0
   jitter: float = 0.0
+  late_weight_power: float = 0.0
 
   def __post_init__(self):
     if self.length < 1:
@@ -117,6 +124,9 @@ class TruncationConfig:
                        f"got {self.max_segments} and {self.growth_steps}")
     if not 0.0 <= self.jitter < 1.0:
       raise ValueError(f"truncation.jitter must be in [0, 1), got {self.jitter}")
+    if not 0.0 <= self.late_weight_power < float("inf"):
+      raise ValueError(
+          f"truncation.late_weight_power must be finite and >= 0, got {self.late_weight_power}")
 
   @property
   def max_length(self) -> int:
@@ -213,7 +223,8 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
 
   Each step first resets the run if it reached its horizon, then takes a training step on a
   train batch. After every ``config.meta_loss_every``-th step the meta-loss is measured on a
-  fresh batch of ``config.meta_loss_split``. Steps run in ``lax.scan`` (nested: windows of
+  fresh batch of ``config.meta_loss_split`` (weighted as ``config.late_weight_power``
+  says). Steps run in ``lax.scan`` (nested: windows of
   ``meta_loss_every`` steps, each followed by one measurement).
 
   Args:
@@ -253,7 +264,11 @@ def unroll(task: base.Task, lopt: LearnedOptimizerLike, config: TruncationConfig
         train_step, state, length=config.meta_loss_every)
     meta_loss = task.loss(state.params,
                           task.sample_batch(data, meta_keys[-1], config.meta_loss_split))
-    return state, (meta_loss_term(config, meta_loss), train_losses, resets)
+    term = meta_loss_term(config, meta_loss)
+    if config.late_weight_power:
+      progress = state.step.astype(jnp.float32) / state.horizon.astype(jnp.float32)
+      term = term * progress ** config.late_weight_power
+    return state, (term, train_losses, resets)
 
   num_windows = config.length // config.meta_loss_every
   state, (meta_losses, train_losses, resets) = jax.lax.scan(window, state, length=num_windows)

@@ -36,7 +36,8 @@ NEW_VALUES = {
     "truncation": {"length": 10, "min_horizon": 30, "max_horizon": 70,
                    "meta_loss_split": "train", "log_loss": False, "loss_clip": 10.0,
                    "divergence_loss": 100.0, "stagger": False, "meta_loss_every": 5,
-                   "remat": True, "max_segments": 3, "growth_steps": 50, "jitter": 0.2},
+                   "remat": True, "max_segments": 3, "growth_steps": 50, "jitter": 0.2,
+                   "late_weight_power": 1.5},
 }
 
 

@@ -26,14 +26,15 @@ class _Setup(NamedTuple):
 
 
 def _config(estimator, length, horizon, num_pairs, *, merged_es="pes", sigma=SIGMA,
-            meta_loss_every=1, particle_chunk=0):
+            meta_loss_every=1, particle_chunk=0, late_weight_power=0.0):
   return _Setup(
       estimators.EstimatorConfig(name=estimator, merged_es=merged_es, num_tasks=1,
                                  num_pairs=num_pairs, sigma=sigma,
                                  particle_chunk=particle_chunk),
       truncation.TruncationConfig(
           length=length, min_horizon=horizon, max_horizon=horizon, log_loss=False,
-          loss_clip=1e6, stagger=False, meta_loss_every=meta_loss_every))
+          loss_clip=1e6, stagger=False, meta_loss_every=meta_loss_every,
+          late_weight_power=late_weight_power))
 
 
 def _repeated_estimates(est, meta_params, num_truncations, reps, data=None, seed=0):
@@ -115,6 +116,34 @@ def test_pes_is_unbiased_with_sparse_meta_loss_measurements():
   samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 4, 300)
   assert abs(reference) > 10 * reference_se
   assert _z_score(samples, reference, reference_se) < 4.0
+
+
+def test_pes_is_unbiased_for_a_meta_loss_weighted_towards_the_end_of_each_run():
+  # Horizon 18 resets inside the last truncation: the weight restarts with the new run.
+  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
+  meta_params = lopt.init(None)
+  uniform = _config("pes", length=5, horizon=18, num_pairs=8)
+  weighted = _config("pes", length=5, horizon=18, num_pairs=8, late_weight_power=2.0)
+  reference, reference_se = _full_horizon_gradient(task, lopt, weighted, meta_params, 4)
+  uniform_reference, _ = _full_horizon_gradient(task, lopt, uniform, meta_params, 4)
+  assert abs(reference - uniform_reference) > 10 * reference_se  # another objective
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, *weighted), meta_params, 4,
+                                300)
+  assert _z_score(samples, reference, reference_se) < 4.0
+
+
+def test_late_weight_power_weighs_each_measurement_by_its_runs_progress():
+  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
+  meta_params = lopt.init(None)
+  outputs = {}
+  for power in (0.0, 2.0):
+    tcfg = _config("pes", length=5, horizon=8, num_pairs=1, late_weight_power=power).truncation
+    state = truncation.init_inner_state(task, lopt, meta_params, tcfg, jax.random.PRNGKey(0))
+    state, first = truncation.unroll(task, lopt, tcfg, meta_params, state, {})
+    _, second = truncation.unroll(task, lopt, tcfg, meta_params, state, {})  # resets at step 8
+    outputs[power] = np.concatenate([first.meta_losses, second.meta_losses])
+  steps = np.array([1, 2, 3, 4, 5, 6, 7, 8, 1, 2], np.float64)
+  np.testing.assert_allclose(outputs[2.0], outputs[0.0] * (steps / 8) ** 2, rtol=1e-5)
 
 
 def test_sparse_meta_loss_measures_a_subset_of_the_same_steps():
