@@ -18,7 +18,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                       help="named recipe to start from (see `metatrain list`)")
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE",
-                      help="override a config key, e.g. --set estimator=merged --set sigma=0.003 "
+                      help="override a config key, e.g. --set estimator.name=merged "
+                           "--set estimator.sigma=0.003 "
                            "--set optimizer.hidden_sizes=[16]; values parse as JSON when they "
                            "can (repeatable)")
   parser.add_argument("--data-dir", default=None, help=_DATA_HELP)
@@ -93,10 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
   diagnose.add_argument("--optimizer", default=None,
                         help="analyse these weights (bundled name or checkpoint path) instead "
                              "of a fresh initialisation")
+  diagnose.add_argument("--lengths", type=_positive_ints, default=None, metavar="L1,L2,...",
+                        help="unroll lengths in inner steps (default: 1, 2, 4 and 8 times the "
+                             "config's truncation length)")
+  diagnose.add_argument("--num-samples", type=int, default=64,
+                        help="at least this many gradient samples per length")
+  diagnose.add_argument("--slice-points", type=int, default=41,
+                        help="points of the 1-D meta-loss slice (each costs one unroll per "
+                             "task instance)")
+  diagnose.add_argument("--task", default=None,
+                        help="diagnose this task (see `metatrain list`) instead of the "
+                             "config's first one")
+  diagnose.add_argument("--task-set", dest="task_overrides", action="append", default=[],
+                        metavar="FIELD=VALUE", help="replace a field of --task's task")
 
   commands.add_parser("list", help="list configs and tasks",
                       description="Print the named configs and tasks, one line each.")
   return parser
+
+
+def _positive_ints(text: str) -> tuple[int, ...]:
+  """An argparse ``type``: comma-separated positive integers."""
+  try:
+    values = tuple(int(value) for value in text.split(",") if value.strip())
+  except ValueError:
+    values = ()
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+  return values
 
 
 def _task_overrides(assignments: list[str]) -> dict:
@@ -184,8 +209,17 @@ def _dispatch(args) -> int:
     if args.optimizer:
       import optax_learned  # pylint: disable=import-outside-toplevel
       _, meta_params = optax_learned.load_weights(args.optimizer)
-    diagnostics.diagnose(_run_config(args), args.out, data_dir=args.data_dir,
-                         meta_params=meta_params)
+    config = _run_config(args)
+    task = None
+    if args.task:
+      from metatrain import tasks  # pylint: disable=import-outside-toplevel
+      task = tasks.build_tasks(args.task, overrides=_task_overrides(args.task_overrides),
+                               data_dir=args.data_dir)[0]
+    elif args.task_overrides:
+      raise ValueError("--task-set needs --task")
+    diagnostics.diagnose(config, args.out, data_dir=args.data_dir, meta_params=meta_params,
+                         lengths=args.lengths, num_samples=args.num_samples,
+                         slice_points=args.slice_points, task=task)
     print(f"diagnostics written to {args.out}")
     return 0
   raise AssertionError(args.command)

@@ -83,3 +83,21 @@ def test_evaluate_replaces_task_fields(tmp_path, capsys):
 def test_distributed_flags_must_come_together(tmp_path, capsys, flags, message):
   assert cli.main(["train", "--config", "quadratic", "--workdir", str(tmp_path)] + flags) == 2
   assert message in capsys.readouterr().err
+
+
+def test_diagnose_takes_lengths_samples_slice_and_task(tmp_path, capsys):
+  out = tmp_path / "diag"
+  assert cli.main(["diagnose", "--config", "quadratic", "--out", str(out), "--lengths", "4,2",
+                   "--num-samples", "2", "--slice-points", "3", "--task", "linear_regression",
+                   "--task-set", "dim=4", "--set", "estimator.name=merged"]) == 0
+  report = json.loads((out / "diagnostics.json").read_text())
+  assert report["lengths"] == [2, 4]
+  assert report["task"] == "linear_regression_d4"  # --task with --task-set dim=4
+  assert len(report["slice"]["alphas"]) == 3
+  assert len(report["es_weight"]) == 2
+  with pytest.raises(SystemExit):
+    cli.main(["diagnose", "--config", "quadratic", "--out", str(out), "--lengths", "0,2"])
+  assert "expected comma-separated positive integers, got '0,2'" in capsys.readouterr().err
+  assert cli.main(["diagnose", "--config", "quadratic", "--out", str(out),
+                   "--task-set", "batch_size=16"]) == 2
+  assert "--task-set needs --task" in capsys.readouterr().err
