@@ -269,16 +269,11 @@ class LearnedOptimizer:
     t = count.astype(jnp.float32)
     mu_correction = 1.0 / (1.0 - self.beta1 ** t)
     nu_correction = 1.0 / (1.0 - self.beta2 ** t)
-    new_updates, new_mus, new_nus = [], [], []
-    if grads:
-      features = jnp.stack([
-          self._tensor_features(p, g, m, v, mu_correction, nu_correction)
-          for g, m, v, p in zip(grads, mus, nus, param_leaves, strict=True)])
-      step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
-                                                   [jnp.shape(p) for p in param_leaves])
-      multiplier = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      step_sizes = step_sizes * jnp.asarray(multiplier, jnp.float32)
-    for i, (g, m, v, p) in enumerate(zip(grads, mus, nus, param_leaves, strict=True)):
+    # The accumulators first, leaf by leaf; the features then read samples of the *updated*
+    # accumulators. Reading the old ones instead (the same numbers) made XLA copy every
+    # donated ``mu`` and ``nu`` buffer in a training step (a third of the step of a wide MLP).
+    accumulated, oks = [], []
+    for g, m, v in zip(grads, mus, nus, strict=True):
       g = jnp.asarray(g).astype(jnp.float32)
       ok = jnp.isfinite(g) if self.skip_nonfinite else None
       if ok is not None:
@@ -286,11 +281,25 @@ class LearnedOptimizer:
         # zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
         g = jnp.where(ok, g, 0.0)
       g, new_m, new_v = self._accumulate(g, m, v)
+      if ok is not None:  # a skipped element keeps its accumulators
+        new_m, new_v = jnp.where(ok, new_m, m), jnp.where(ok, new_v, v)
+      accumulated.append((g, new_m, new_v))
+      oks.append(ok)
+    new_updates, new_mus, new_nus = [], [], []
+    if grads:
+      features = jnp.stack([
+          self._tensor_features(p, new_m, new_v, mu_correction, nu_correction)
+          for (_, new_m, new_v), p in zip(accumulated, param_leaves, strict=True)])
+      step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
+                                                   [jnp.shape(p) for p in param_leaves])
+      multiplier = learning_rate(state.count) if callable(learning_rate) else learning_rate
+      step_sizes = step_sizes * jnp.asarray(multiplier, jnp.float32)
+    for i, ((g, new_m, new_v), ok, p) in enumerate(zip(accumulated, oks, param_leaves,
+                                                       strict=True)):
       step = self._element_step(g, new_m, new_v, step_sizes[i], mixes[i], mu_correction,
                                 nu_correction)
       if ok is not None:
-        step, new_m, new_v = (jnp.where(ok, step, 0.0), jnp.where(ok, new_m, m),
-                              jnp.where(ok, new_v, v))
+        step = jnp.where(ok, step, 0.0)
       new_updates.append(_cast_like(step, p))
       new_mus.append(new_m)
       new_nus.append(new_v)
@@ -346,7 +355,7 @@ class LearnedOptimizer:
     v = self.beta2 * v + (1.0 - self.beta2) * jnp.square(g)
     return g, m, v
 
-  def _tensor_features(self, p: jax.Array, g: jax.Array, m: jax.Array, v: jax.Array,
+  def _tensor_features(self, p: jax.Array, m: jax.Array, v: jax.Array,
                        mu_correction: jax.Array, nu_correction: jax.Array) -> jax.Array:
     """The scale-free features of one tensor (see :data:`TENSOR_FEATURES`).
 
@@ -356,6 +365,13 @@ class LearnedOptimizer:
     Both are measured on at most :data:`FEATURE_SAMPLE_SIZE` evenly spaced elements, so
     their cost does not grow with the tensor (a full pass over ``mu`` and ``nu`` alone cost
     about 20% of a training step of a wide MLP).
+
+    Args:
+      p: the parameter.
+      m: the first accumulator, updated with this step's gradient.
+      v: the second accumulator, updated with this step's gradient.
+      mu_correction: the bias correction of ``m``.
+      nu_correction: the bias correction of ``v``.
     """
     shape = jnp.shape(p)
     fan_in = _fan_in(shape)
@@ -364,9 +380,9 @@ class LearnedOptimizer:
                           float(len(shape) < 2)], jnp.float32)
     if not math.prod(shape):
       return jnp.concatenate([static, jnp.zeros([2], jnp.float32)])
-    p, g, m, v = (_evenly_spaced(x) for x in (jnp.asarray(p).astype(jnp.float32), g, m, v))
-    g = jnp.where(jnp.isfinite(g), g, 0.0)  # features stay finite on a skipped step
-    g, m, v = self._accumulate(g, m, v)
+    p, m, v = (_evenly_spaced(x) for x in (jnp.asarray(p).astype(jnp.float32), m, v))
+    # Finite features even where a non-finite gradient was not skipped (skip_nonfinite off).
+    m, v = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (m, v))
     relative_scale = jnp.log(jnp.mean(jnp.square(p)) * fan_in + _TINY) / 2.0
     # A difference of logs: the log of a quotient underflows in its derivative when both
     # means are ~0 (a tensor whose gradients are all zero so far).
