@@ -22,7 +22,8 @@ than of steps. The particles are those of :meth:`metatrain.estimators.Estimator.
 the estimators' own formulas (:mod:`metatrain.estimators`: the same perturbations, ES
 formulas, merge and sample statistics; the diagnosis only replaces the unroll by one long
 shared unroll). From fresh runs there are no accumulated perturbations yet, so
-PES coincides with antithetic ES here.
+PES and noise-reuse ES (one perturbation for the whole unroll) coincide with antithetic ES
+here.
 
 Example::
 
@@ -111,7 +112,8 @@ def diagnose(config: RunConfig, out_dir: str | os.PathLike, *, data_dir: str | N
     * ``pathwise_norm``: norm of the pathwise estimate (mean of the per-sample gradients),
       as :class:`~metatrain.estimators.Estimator` reports it;
     * ``pathwise_sample_norm``: RMS over samples of the per-sample pathwise gradient norm;
-    * ``norm`` and ``variance``: per estimator (``pathwise``, ``es``, ``pes``, ``merged``),
+    * ``norm`` and ``variance``: per estimator (``pathwise``, ``es``, ``pes``, ``nres``,
+      ``merged``),
       the norm of its estimate and its per-sample variance (per-element variance across
       samples, averaged over elements, as ``Estimator`` diagnostics define it; for
       ``merged`` the samples are ``w * pathwise + (1 - w) * es`` with the merge weights);
@@ -307,6 +309,8 @@ def _one_estimate(task: base.Task, lopt: truncation.LearnedOptimizerLike,
         "pes": estimators.pes_gradient(eps, zeros, differences[:, :length],
                                        out_pos.resets[:, :length], config.sigma)[0],
     }
+    # From fresh runs, one perturbation shapes the whole unroll: NRES's estimate is PES's.
+    samples["nres"] = samples["pes"]
     _, es_weight = estimators.merge_by_inverse_variance(samples["pathwise"],
                                                         samples[config.merged_es])
     samples["merged"] = jax.tree.map(
@@ -363,7 +367,7 @@ def _plot(report: dict[str, Any], out_dir: pathlib.Path) -> None:
   _save(fig, out_dir / PLOT_FILES["norm"])
 
   fig, ax = plt.subplots(figsize=(5.5, 4))
-  styles = {"pathwise": "o-", "es": "s-", "pes": "x--", "merged": "d-"}
+  styles = {"pathwise": "o-", "es": "s-", "pes": "x--", "nres": "+:", "merged": "d-"}
   for name, values in report["variance"].items():
     ax.plot(lengths, float_array(values), styles.get(name, "o-"), label=name)
   ax.set_xscale("log")

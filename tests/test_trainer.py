@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import optax_learned
-from metatrain import configs
+from metatrain import configs, estimators
 from metatrain import trainer as trainer_lib
 
 SHORT = configs.get_config("quadratic").with_overrides(
@@ -74,6 +74,17 @@ def test_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
   state = runner.train()
   _assert_bit_identical(uninterrupted[1]["meta_params"], state["meta_params"])
   assert [r["step"] for r in _records(tmp_path)] == [2, 4, 6, 8, 10, 12]
+
+
+def test_noise_reuse_es_resumes_bit_identical(tmp_path):
+  # Its state (perturbations kept across truncations, the redraw mask) is checkpointed too.
+  config = SHORT.with_overrides(["estimator.name=nres", "steps=8"])
+  whole = trainer_lib.MetaTrainer(config, tmp_path / "whole", progress=False).train()
+  trainer_lib.MetaTrainer(config, tmp_path / "parts", progress=False).train(steps=4)
+  resumed = trainer_lib.MetaTrainer(config, tmp_path / "parts", progress=False).train()
+  _assert_bit_identical(jax.device_get(whole), jax.device_get(resumed))
+  assert isinstance(jax.device_get(resumed).estimator_states[0].es,
+                    estimators.NoiseReuseESState)
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""The evolution-strategies side: antithetic ES and persistent ES (PES).
+"""The evolution-strategies side: antithetic ES, persistent ES (PES) and noise-reuse ES.
 
 Both are zeroth-order: from the meta-losses of antithetic pairs ``theta +- eps_i`` they give
 per-sample gradients of the Gaussian-smoothed meta-objective ``E_eps[L(theta + eps)]``. An ES
@@ -6,6 +6,8 @@ side is a small object with three methods, so a new one (e.g. noise-reuse ES) is
 and one entry of :data:`metatrain.estimators.ES_SIDES`:
 
 * ``init(positive, meta_params)``: its state (``()`` when it keeps none);
+* ``perturbation(state, fresh)``: the perturbations of this truncation, given fresh draws
+  (a side that keeps its perturbations across truncations returns its own);
 * ``samples(unroll, pair, state, sigma, truncation)``: unrolls the negative half of ``pair``
   and returns ``(per-sample gradients, new state, negative outputs)``;
 * ``reset(state, mask)``: restarts the runs it keeps where ``mask`` holds (divergences).
@@ -15,6 +17,8 @@ References:
   pathologies in the training of learned optimizers". ICML. arXiv:1810.10180.
   Vicol, Metz, Sohl-Dickstein 2021. "Unbiased gradient estimation in unrolled computation
   graphs with persistent evolution strategies". ICML. arXiv:2112.13835.
+  Li, Harrison, Sohl-Dickstein, Smith, Metz 2023. "Variance-reduced gradient estimation via
+  noise-reuse in online evolution strategies". NeurIPS. arXiv:2304.12180.
 """
 
 import dataclasses
@@ -31,8 +35,8 @@ MetaParams = Any
 Unroll = Callable[[MetaParams, truncation_lib.InnerState],
                   tuple[truncation_lib.InnerState, truncation_lib.UnrollOutput]]
 
-__all__ = ("Antithetic", "AntitheticES", "ESSide", "PersistentES", "PersistentESState",
-           "antithetic_es_gradient", "pes_gradient")
+__all__ = ("Antithetic", "AntitheticES", "ESSide", "NoiseReuseES", "NoiseReuseESState",
+           "PersistentES", "PersistentESState", "antithetic_es_gradient", "pes_gradient")
 
 
 def antithetic_es_gradient(eps: MetaParams, loss_differences: jax.Array,
@@ -114,6 +118,8 @@ class ESSide(Protocol):
 
   def init(self, positive: truncation_lib.InnerState, meta_params: MetaParams) -> Any: ...
 
+  def perturbation(self, state: Any, fresh: MetaParams) -> MetaParams: ...
+
   def samples(self, unroll: Unroll, pair: Antithetic, state: Any, sigma: float,
               truncation: truncation_lib.TruncationConfig
               ) -> tuple[MetaParams, Any, truncation_lib.UnrollOutput]: ...
@@ -132,6 +138,10 @@ class AntitheticES:
   def init(self, positive: truncation_lib.InnerState, meta_params: MetaParams) -> tuple:
     del positive, meta_params
     return ()
+
+  def perturbation(self, state: tuple, fresh: MetaParams) -> MetaParams:
+    del state
+    return fresh
 
   def samples(self, unroll: Unroll, pair: Antithetic, state: tuple, sigma: float,
               truncation: truncation_lib.TruncationConfig
@@ -175,6 +185,10 @@ class PersistentES:
     negative = jax.tree.map(jnp.copy, positive)  # its own buffers (donation-safe)
     return PersistentESState(negative=negative, accumulated=zeros)
 
+  def perturbation(self, state: PersistentESState, fresh: MetaParams) -> MetaParams:
+    del state
+    return fresh
+
   def samples(self, unroll: Unroll, pair: Antithetic, state: PersistentESState, sigma: float,
               truncation: truncation_lib.TruncationConfig
               ) -> tuple[MetaParams, PersistentESState, truncation_lib.UnrollOutput]:
@@ -187,3 +201,76 @@ class PersistentES:
 
   def reset(self, state: PersistentESState, mask: jax.Array) -> PersistentESState:
     return state.replace(negative=truncation_lib.force_reset(state.negative, mask))
+
+
+@chex.dataclass
+class NoiseReuseESState:
+  """The state noise-reuse ES keeps across truncations, each leaf ``[num_particles, ...]``.
+
+  Attributes:
+    negative: the runs at ``theta - eps`` (the positive runs are the estimator's).
+    eps: the perturbation each particle's runs are using.
+    accumulated: an earlier perturbation that still shapes the current runs: the one a run
+      started its episode under, when it reset inside a truncation and ``eps`` was redrawn
+      at the next one (zeros otherwise).
+    redraw: bool ``[num_particles]``: draw a new ``eps`` at the next truncation (at the
+      start, and after a truncation in which the run reset).
+  """
+  negative: truncation_lib.InnerState
+  eps: MetaParams
+  accumulated: MetaParams
+  redraw: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseReuseES:
+  """Noise-reuse ES: each run keeps one perturbation for its whole episode.
+
+  Both halves of a pair keep their runs across truncations, as in PES, but the perturbation
+  is drawn once per episode instead of once per truncation, so each truncation's estimate is
+  ``eps (L+ - L-) / (2 sigma^2)`` over its own losses, without PES's sum of perturbations
+  whose variance grows with the episode. Unbiased for the whole episode's smoothed
+  meta-loss. A run that resets inside a truncation starts its new episode under the current
+  perturbation; the next truncation draws a new one and credits the losses that follow to
+  both (until the next reset), which keeps the estimate unbiased.
+
+  References:
+    Li et al. 2023, arXiv:2304.12180 (NRES).
+  """
+
+  def init(self, positive: truncation_lib.InnerState,
+           meta_params: MetaParams) -> NoiseReuseESState:
+    num = jax.tree.leaves(positive)[0].shape[0]
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros((num,) + p.shape, p.dtype), meta_params)
+    return NoiseReuseESState(negative=jax.tree.map(jnp.copy, positive), eps=zeros(),
+                             accumulated=zeros(), redraw=jnp.ones((num,), bool))
+
+  def perturbation(self, state: NoiseReuseESState, fresh: MetaParams) -> MetaParams:
+    return _where_particles(state.redraw, fresh, state.eps)
+
+  def samples(self, unroll: Unroll, pair: Antithetic, state: NoiseReuseESState, sigma: float,
+              truncation: truncation_lib.TruncationConfig
+              ) -> tuple[MetaParams, NoiseReuseESState, truncation_lib.UnrollOutput]:
+    negative_runs, negative = unroll(pair.theta_negative, state.negative)
+    resets = truncation_lib.resets_before_measurements(truncation, pair.positive.resets)
+    # PES's attribution with at most two perturbations: this episode's own, and an earlier
+    # one only for the measurements before a reset.
+    gradients, _ = pes_gradient(pair.eps, state.accumulated,
+                                pair.positive.meta_losses - negative.meta_losses, resets,
+                                sigma, pair.positive.measured)
+    reset = jnp.any(pair.positive.resets, axis=1)
+    return gradients, NoiseReuseESState(
+        negative=negative_runs, eps=pair.eps,
+        accumulated=_where_particles(reset, pair.eps, state.accumulated),
+        redraw=reset), negative
+
+  def reset(self, state: NoiseReuseESState, mask: jax.Array) -> NoiseReuseESState:
+    # A forced reset starts the next truncation's episode; a new perturbation shapes all of it.
+    return state.replace(negative=truncation_lib.force_reset(state.negative, mask),
+                         redraw=state.redraw | mask)
+
+
+def _where_particles(mask: jax.Array, x: MetaParams, y: MetaParams) -> MetaParams:
+  """``x`` for the particles where ``mask`` ``[S]`` holds, else ``y``."""
+  return jax.tree.map(lambda a, b: jnp.where(mask.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                      x, y)

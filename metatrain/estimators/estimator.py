@@ -53,12 +53,14 @@ MERGED_ES = "merged_es"
 ES_SIDES: dict[str, es.ESSide] = {
     "es": es.AntitheticES(),
     "pes": es.PersistentES(),
+    "nres": es.NoiseReuseES(),
 }
 
 ESTIMATORS: dict[str, EstimatorSpec] = {
     "pathwise": EstimatorSpec(pathwise=True, es_side=None, combiner=combine.mean),
     "es": EstimatorSpec(pathwise=False, es_side="es", combiner=combine.mean),
     "pes": EstimatorSpec(pathwise=False, es_side="pes", combiner=combine.mean),
+    "nres": EstimatorSpec(pathwise=False, es_side="nres", combiner=combine.mean),
     "merged": EstimatorSpec(pathwise=True, es_side=MERGED_ES,
                             combiner=combine.inverse_variance),
 }
@@ -69,8 +71,10 @@ class EstimatorConfig:
   """How meta-gradients are estimated (``estimator.*`` of a run config).
 
   Attributes:
-    name: a key of :data:`ESTIMATORS`: ``"pathwise"``, ``"es"``, ``"pes"`` or ``"merged"``.
-    merged_es: the ES side of ``"merged"``: a key of :data:`ES_SIDES` (``"es"`` or ``"pes"``).
+    name: a key of :data:`ESTIMATORS`: ``"pathwise"``, ``"es"``, ``"pes"``, ``"nres"``
+      (noise-reuse ES) or ``"merged"``.
+    merged_es: the ES side of ``"merged"``: a key of :data:`ES_SIDES` (``"es"``, ``"pes"``
+      or ``"nres"``).
     num_tasks: independent task instances (own initialisation, data stream and horizons).
     num_pairs: antithetic pairs per task instance.
     sigma: standard deviation of the Gaussian smoothing of the optimizer weights.
@@ -138,7 +142,8 @@ class EstimatorState:
     positive: the runs at ``theta + eps`` (for a stateless ES side, both halves of a pair
       start each truncation from them).
     es: the ES side's own state (``()`` for antithetic ES and for estimators without an ES
-      side; :class:`~metatrain.estimators.PersistentESState` for PES).
+      side; :class:`~metatrain.estimators.PersistentESState` for PES,
+      :class:`~metatrain.estimators.NoiseReuseESState` for NRES).
   """
   positive: truncation_lib.InnerState
   es: Any = ()
@@ -203,6 +208,8 @@ class Estimator:
       return particles.map_particles(step, (theta, runs), chunk)
 
     eps = particles.sample_perturbations(meta_params, key, cfg.num_particles, cfg.sigma)
+    if side is not None:
+      eps = side.perturbation(state.es, eps)
     theta_pos = jax.tree.map(jnp.add, meta_params, eps)
     diagnostics, outputs = {}, []
     pathwise_samples = es_samples = None
