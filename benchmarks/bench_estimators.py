@@ -1,6 +1,6 @@
 """Inner-step throughput of meta-gradient estimation relative to plain Adam training.
 
-For each task and estimator (pathwise, ES, PES, merged) this measures, in one run, inner
+For each task and estimator (pathwise, ES, PES, NRES, merged) this measures, in one run, inner
 training steps per second while estimating meta-gradients with
 :class:`metatrain.estimators.Estimator` (8 task instances x 8 antithetic pairs, the learned
 optimizer and estimator settings of the recipe that meta-trains on the task: ``digits`` for
@@ -8,7 +8,7 @@ optimizer and estimator settings of the recipe that meta-trains on the task: ``d
 per estimate),
 divided by inner steps per second of plain Adam training of the same task and batch (a
 jitted Adam step called from a Python loop on one task instance). An estimate counts
-``particles x truncation_length`` inner steps, with 2 x 64 particles for ES, PES and merged
+``particles x truncation_length`` inner steps, with 2 x 64 particles for ES, PES, NRES and merged
 (both halves of every antithetic pair train) and 64 for pathwise. The Adam loop is
 :class:`metatrain.measurement.TrainingLoop`, and times are medians of
 ``--repeats`` calls after compilation (compile time reported separately); the estimator
