@@ -88,16 +88,22 @@ def _z_score(samples, reference, reference_se):
   return abs(samples.mean() - reference) / np.sqrt(se**2 + reference_se**2)
 
 
+def _assert_unbiased(task, lopt, config, num_truncations, **reference_options):
+  """The mean estimate over ``num_truncations`` of fresh runs matches exact backprop."""
+  meta_params = lopt.init(None)
+  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params,
+                                                   num_truncations, **reference_options)
+  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params,
+                                num_truncations, 300)
+  assert abs(reference) > 10 * reference_se  # a gradient clearly away from zero
+  assert _z_score(samples, reference, reference_se) < 4.0
+
+
 @pytest.mark.parametrize("name,merged_es", [
     ("pathwise", "pes"), ("es", "pes"), ("pes", "pes"), ("merged", "es"), ("merged", "pes")])
 def test_single_truncation_estimators_are_unbiased(name, merged_es):
-  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
-  meta_params = lopt.init(None)
   config = _config(name, length=10, horizon=10, num_pairs=8, merged_es=merged_es)
-  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 1)
-  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 1, 300)
-  assert abs(reference) > 10 * reference_se  # a gradient clearly away from zero
-  assert _z_score(samples, reference, reference_se) < 4.0
+  _assert_unbiased(toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5)), config, 1)
 
 
 @pytest.mark.parametrize("horizon", [20, 18])  # 18: a reset in the middle of a truncation
@@ -117,13 +123,8 @@ def test_pes_is_unbiased_over_truncations_where_truncated_estimators_are_not(hor
 def test_pes_is_unbiased_with_sparse_meta_loss_measurements():
   # One measurement per truncation of 5 steps; horizon 18 resets inside the last truncation,
   # before its measurement, so the accumulated perturbation must not be credited with it.
-  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
-  meta_params = lopt.init(None)
   config = _config("pes", length=5, horizon=18, num_pairs=8, meta_loss_every=5)
-  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4)
-  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 4, 300)
-  assert abs(reference) > 10 * reference_se
-  assert _z_score(samples, reference, reference_se) < 4.0
+  _assert_unbiased(toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5)), config, 4)
 
 
 def test_pes_is_unbiased_for_a_meta_loss_weighted_towards_the_end_of_each_run():
@@ -169,16 +170,11 @@ def _episode_perturbations(length, horizon, num_truncations):
 # depends on the previous one.
 @pytest.mark.parametrize("horizon", [20, 18, 8])
 def test_noise_reuse_es_is_unbiased_over_truncations(horizon):
-  task, lopt = toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5))
-  meta_params = lopt.init(None)
   config = _config("nres", length=5, horizon=horizon, num_pairs=8)
   episodes = _episode_perturbations(5, horizon, 4)
   assert episodes == {20: [0, 0, 0, 0], 18: [0, 0, 0, 0], 8: [0, 0, 1, 1]}[horizon]
-  reference, reference_se = _full_horizon_gradient(task, lopt, config, meta_params, 4,
-                                                   perturbation_of_truncation=episodes)
-  samples = _repeated_estimates(estimators.Estimator(task, lopt, *config), meta_params, 4, 300)
-  assert abs(reference) > 10 * reference_se
-  assert _z_score(samples, reference, reference_se) < 4.0
+  _assert_unbiased(toy.DeterministicQuadratic(), toy.LearnedStepSize(np.log(0.5)), config, 4,
+                   perturbation_of_truncation=episodes)
 
 
 def test_noise_reuse_es_keeps_its_perturbation_until_a_truncation_with_a_reset():
