@@ -16,6 +16,7 @@ Usage::
   python -m benchmarks.eval_cifar cifar --tasks all --seeds 5      # bundled name, all variants
   python -m benchmarks.eval_cifar none --tasks cifar_conv_16       # baselines only
   python -m benchmarks.eval_cifar ckpt --steps 20 --seeds 1 --learning_rates 1e-3,1e-2  # smoke
+  python -m benchmarks.eval_cifar cifar --num_steps   # the optimizer told the horizon
 
 Outputs per task under ``--out_dir/<task>/``: ``results.json`` (summaries and final metrics),
 ``curves.json`` (the per-step curves), ``results.md``, ``loss_vs_step.png``,
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                            "baseline, see metatrain.evaluation.DEFAULT_LEARNING_RATES)")
   parser.add_argument("--conv_impl", default="lax", choices=("lax", "patches"))
   parser.add_argument("--batch_size", type=int, default=None)
+  parser.add_argument("--num_steps", action="store_true",
+                      help="tell the learned optimizer the horizon (load(..., num_steps=steps))")
   parser.add_argument("--holdout_size", type=int, default=5000,
                       help="last training rows that meta-training never saw (the cifar recipe "
                            "holds out 5000); validation uses them. 0: validate on the "
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = evaluation.evaluate(
         optimizer, name, out_dir=out, protocol=protocol, data_dir=args.data_dir,
-        cache_dir=args.cache_dir, task_overrides=overrides)
+        cache_dir=args.cache_dir, task_overrides=overrides,
+        load_kwargs={"num_steps": args.steps} if args.num_steps else None)
     print(f"\n{name}: {time.perf_counter() - start:.0f} s, results in {out}\n")
     print(evaluation.markdown(results))
   return 0

@@ -340,6 +340,7 @@ def evaluate(
     data_dir: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     task_overrides: dict[str, Any] | None = None,
+    load_kwargs: dict[str, Any] | None = None,
     **protocol_fields: Any,
 ) -> dict[str, Any]:
   """Evaluates a learned optimizer against baselines tuned over learning-rate grids.
@@ -357,6 +358,8 @@ def evaluate(
     data_dir: data source for tasks with a ``data_dir`` field (ignored by the others).
     cache_dir: the baseline cache (default :data:`DEFAULT_CACHE_DIR`).
     task_overrides: fields replaced in the task, e.g. ``{"batch_size": 64}``.
+    load_kwargs: keyword arguments of :func:`optax_learned.load` for the learned optimizer,
+      e.g. ``{"num_steps": 1000}`` (recorded in the results).
     **protocol_fields: fields of :class:`EvaluationProtocol` replaced in ``protocol``, e.g.
       ``steps=200, seeds=1`` (the keyword arguments ``evaluate`` has always taken).
 
@@ -381,7 +384,8 @@ def evaluate(
   train_kwargs = dict(protocol.train_kwargs(), data=data)
 
   # Load the learned optimizer first: a bad name or path fails before any training.
-  learned_tx = optax_learned.load(optimizer) if optimizer is not None else None
+  load_kwargs = dict(load_kwargs or {})
+  learned_tx = optax_learned.load(optimizer, **load_kwargs) if optimizer is not None else None
   baseline_results = {}
   for name in protocol.baselines:
     runs, cached = {}, []
@@ -411,7 +415,8 @@ def evaluate(
   if optimizer is not None:
     logger.info("training the learned optimizer %s on %s", optimizer, task)
     run = evaluate_transformation(learned_tx, task_obj, **train_kwargs)
-    learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer), "run": run}
+    learned = {"optimizer": os.fspath(optimizer), "horizon": _horizon(optimizer),
+               "load_kwargs": jsonable(load_kwargs), "run": run}
     if protocol.timing_reps:
       logger.info("timing the steps interleaved (%d rounds)", protocol.timing_reps)
       txs = {"learned": learned_tx, **{

@@ -498,6 +498,8 @@ TRIGGERS = {
     "config-transform-other-shapes": lambda c: optax_learned.LearnedOptimizer(
         hidden_sizes=(4,)).transform(_meta_params(optax_learned.LearnedOptimizer(
             hidden_sizes=(5,)))),
+    "config-num-steps-not-positive": lambda c: optax_learned.load("cifar", num_steps=0),
+    "config-num-steps-type": lambda c: optax_learned.load("cifar", num_steps=2.5),
     # update
     "update-missing-params": lambda c: _tiny_tx()[1].update(_params(),
                                                             _tiny_tx()[1].init(_params())),

@@ -123,6 +123,26 @@ def test_evaluate_outputs_selection_and_cache(tmp_path, learned_path, counted):
   assert counted == {"baseline": 7, "learned": 2}
 
 
+def test_load_kwargs_reach_the_learned_optimizer_and_are_recorded(tmp_path, learned_path,
+                                                                   counted):
+  kwargs = dict(PROTOCOL, baselines=("adam",), learning_rates=(1e-2,), timing_reps=0,
+                cache_dir=tmp_path / "cache")
+  plain = evaluation.evaluate(learned_path, "linear_regression", out_dir=tmp_path / "a",
+                              **kwargs)
+  told = evaluation.evaluate(learned_path, "linear_regression", out_dir=tmp_path / "b",
+                             load_kwargs={"num_steps": 20}, **kwargs)
+  assert plain["learned"]["load_kwargs"] == {}
+  assert told["learned"]["load_kwargs"] == {"num_steps": 20}
+  first, last = (np.asarray(r["learned"]["run"]["train_loss"]) for r in (plain, told))
+  assert not np.allclose(first, last)  # the cosine decay changed the run
+  # A bad keyword fails before anything trains.
+  before = dict(counted)
+  with pytest.raises(ValueError, match="num_steps must be a positive integer"):
+    evaluation.evaluate(learned_path, "linear_regression", out_dir=tmp_path / "c",
+                        load_kwargs={"num_steps": 0}, **kwargs)
+  assert counted == before
+
+
 def test_protocol_object_and_keywords_agree(tmp_path):
   protocol = evaluation.EvaluationProtocol(steps=4, seeds=1, baselines=("adam",),
                                            learning_rates=(1e-2,), num_eval_batches=1,

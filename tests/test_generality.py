@@ -57,7 +57,7 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
   optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(0)))
   argv = ["--optimizer", f"mine={optimizer}", "--models", "softmax_regression_b512,digits_mlp",
           "--steps", "60", "--horizons", "30,60", "--eval-every", "30", "--seeds", "2",
-          "--smoothing", "10", "--timing-reps", "5",
+          "--smoothing", "10", "--timing-reps", "5", "--num-steps",
           "--data-dir", cifar_dir, "--out", str(out)]
   assert suite.main(argv) == 0
   results = json.loads((out / "results.json").read_text())
@@ -71,16 +71,29 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
       assert np.isfinite(h["final_valid"]) and np.isfinite(h["adam_final_valid"])
       assert h["steps_fraction"] is None or 0 < h["steps_fraction"] <= 1
     assert summary["optimizers"]["mine"]["step_cost_ratio"] > 0
+    assert set(summary["optimizers"]["mine+num_steps"]["horizons"]) == {"30", "60"}
+  # Told the horizon, the learned optimizer runs once per horizon, for that many steps.
+  for horizon in (30, 60):
+    run = json.loads((out / "runs" / "digits_mlp" / f"mine+num_steps@{horizon}_seed"
+                      f"{protocol.FIRST_SEED}.json").read_text())
+    assert len(run["train_losses"]) == horizon
+    assert set(run["valid_losses"]) == {str(h) for h in (30, 60) if h <= horizon}
   assert "| digits_mlp (outside CIFAR-10) | 60 |" in (out / "results.md").read_text()
   assert (out / "loss_curves.png").stat().st_size > 0
   # The per-step curves are in curves.json, not results.json; read_results joins them.
   assert all("curves" not in m for m in results["models"])
   joined = suite.read_results(out)["models"]
   assert [m["model"] for m in joined] == [m["model"] for m in results["models"]]
-  assert all(set(m["curves"]) == {"adam", "mine"} for m in joined)
+  assert all(set(m["curves"]) == {"adam", "mine", "mine+num_steps"} for m in joined)
   # Every run is cached: a second invocation trains nothing and gives the same summary.
   cached = sorted(p.name for p in (out / "runs" / "digits_mlp").iterdir())
-  assert len(cached) >= 6 + 2
+  assert len(cached) >= 6 + 2 + 2 * 2
   before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
   assert suite.main(argv) == 0
   assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")} == before
+  # Another step multiplier is another optimizer: it gets its own label (and runs).
+  half = [a for a in argv if a != "--num-steps"] + ["--learning-rate", "0.5"]
+  assert suite.main(half) == 0
+  assert "mine_lr0.5" in json.loads((out / "results.json").read_text())["models"][0][
+      "optimizers"]
+  assert (out / "runs" / "digits_mlp" / f"mine_lr0.5_seed{protocol.FIRST_SEED}.json").is_file()

@@ -362,6 +362,56 @@ def test_learning_rate_works_under_inject_hyperparams():
   assert int(new_state.inner_state.count) == 1
 
 
+# -- the training length -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learning_rate", [1.0, 0.5, optax.linear_schedule(1.0, 0.5, 10)])
+def test_num_steps_multiplies_every_step_by_the_cosine_decay(learning_rate):
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  meta_params = _random_meta_params(lopt)
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  plain = jax.jit(lopt.transform(meta_params).update)
+  annealed = jax.jit(lopt.transform(meta_params, learning_rate, num_steps=10).update)
+  rate = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+  state = lopt.transform(meta_params).init(params)
+  for count in (0, 3, 5, 9, 10, 25):
+    at = state._replace(count=jnp.asarray(count, jnp.int32))
+    full, full_state = plain(grads, at, params)
+    got, got_state = annealed(grads, at, params)
+    factor = float(rate(count) * optax.cosine_decay_schedule(1.0, 10)(count))
+    chex.assert_trees_all_close(got, jax.tree.map(lambda u, f=factor: f * u, full),
+                                rtol=1e-5, atol=1e-12)
+    chex.assert_trees_all_equal(got_state, full_state)  # the accumulators do not see it
+  # 1 at the first update, 0 from update num_steps + 1 on.
+  first = annealed(grads, state, params)[0]
+  chex.assert_trees_all_close(first, jax.tree.map(lambda u: float(rate(0)) * u,
+                                                  plain(grads, state, params)[0]), rtol=1e-6)
+  late = annealed(grads, state._replace(count=jnp.asarray(10, jnp.int32)), params)[0]
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(late))
+
+
+def test_num_steps_works_under_inject_hyperparams_and_from_load():
+  lopt, meta_params = optax_learned.load_weights("cifar")
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  tx = optax.inject_hyperparams(functools.partial(lopt.transform, meta_params))(num_steps=4)
+  state = tx.init(params)
+  expected, _ = jax.jit(optax_learned.load("cifar", num_steps=4).update)(
+      grads, tx.init(params).inner_state._replace(count=jnp.asarray(2, jnp.int32)), params)
+  state = state._replace(inner_state=state.inner_state._replace(count=jnp.asarray(2, jnp.int32)))
+  got, _ = jax.jit(tx.update)(grads, state, params)
+  chex.assert_trees_all_close(got, expected, rtol=1e-6)
+  half, _ = jax.jit(optax_learned.load("cifar").update)(grads, state.inner_state, params)
+  chex.assert_trees_all_close(got, jax.tree.map(lambda u: 0.5 * u, half), rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_steps, error", [
+    (0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError),
+    (jnp.asarray(3.0), TypeError)])
+def test_invalid_num_steps_is_refused_naming_it(num_steps, error):
+  with pytest.raises(error, match="num_steps must be a positive integer"):
+    optax_learned.load("cifar", num_steps=num_steps)
+
+
 # -- composition with Optax ------------------------------------------------------------------
 
 

@@ -22,13 +22,20 @@ Usage::
   python -m metatrain.generality --optimizer cifar --out runs/generality
   python -m metatrain.generality --models pixel_mlp,flatten_conv --steps 1000 \\
       --horizons 1000 --out runs/quick
+  python -m metatrain.generality --optimizer cifar --num-steps --out runs/generality
+
+``--num-steps`` adds each learned optimizer told the horizon (``num_steps``, see
+:func:`optax_learned.load`) as ``LABEL+num_steps``: one run per horizon, against the same
+tuned Adam (constant learning rate, tuned per horizon).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,6 +50,9 @@ __all__ = ("main", "read_results", "run_model", "summarize")
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.json"
+# A learned optimizer is compared either as one transformation (one run, read at every
+# horizon) or as a function of the horizon (one run per horizon, of that many steps).
+Learned = optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
 
 
 def smoothed(losses: np.ndarray, window: int) -> np.ndarray:
@@ -65,9 +75,14 @@ def _lr_label(lr: float) -> str:
 
 
 def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.ProtocolConfig,
-              learned: dict[str, optax.GradientTransformation], data_dir: str | None,
+              learned: dict[str, Learned], data_dir: str | None,
               log=print) -> dict[str, Any]:
-  """Every run one model needs (cached), then its summary."""
+  """Every run one model needs (cached), then its summary.
+
+  ``learned`` maps labels to transformations, or to functions of the horizon that return
+  one (such as ``lambda h: optax_learned.load("cifar", num_steps=h)``); those are run once
+  per horizon, for that many steps, and cached as ``<label>@<horizon>``.
+  """
   seeds = [protocol.FIRST_SEED + i for i in range(config.seeds)]
   run = lambda label, tx, seed: protocol.run_cached(out_dir, model, label, tx, seed, config,
                                                     data_dir)
@@ -79,14 +94,25 @@ def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.Protoco
   winners = _winners(grid, config)
   adam_runs = {lr: [grid[lr]] + [run(_lr_label(lr), optax.adam(lr), s) for s in seeds[1:]]
                for lr in sorted(set(winners.values()))}
-  learned_runs = {}
+  learned_runs, timed = {}, {}
   for label, tx in learned.items():
-    learned_runs[label] = [run(label, tx, s) for s in seeds]
+    if isinstance(tx, optax.GradientTransformation):
+      runs = [run(label, tx, s) for s in seeds]
+      learned_runs[label] = {str(h): runs for h in config.horizons}
+      timed[label] = tx
+    else:
+      learned_runs[label] = {}
+      for h in config.horizons:
+        config_h = dataclasses.replace(config, steps=h, horizons=(h,))
+        learned_runs[label][str(h)] = [
+            protocol.run_cached(out_dir, model, f"{label}@{h}", tx(h), s, config_h, data_dir)
+            for s in seeds]
+      timed[label] = tx(max(config.horizons))
     log(f"  {model.name} {label}: done")
   costs = {}
   if learned:
     costs = protocol.step_cost_ratio(
-        model, {"adam": optax.adam(1e-3), **learned}, config.timing_reps, data_dir)
+        model, {"adam": optax.adam(1e-3), **timed}, config.timing_reps, data_dir)
   return summarize(model, config, grid, winners, adam_runs, learned_runs, costs)
 
 
@@ -106,7 +132,10 @@ def _winners(grid: dict[float, dict], config: protocol.ProtocolConfig) -> dict[s
 
 def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners, adam_runs,
               learned_runs, costs) -> dict[str, Any]:
-  """The per-horizon comparison of one model (see the module docstring)."""
+  """The per-horizon comparison of one model (see the module docstring).
+
+  ``learned_runs[label][str(horizon)]`` are the learned optimizer's runs for a horizon.
+  """
   window = config.smoothing
   mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
   result = {"model": model.name, "description": model.description,
@@ -115,9 +144,10 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners,
                                                           config.steps)
                                       for lr, r in grid.items()},
             "horizons": {}, "optimizers": {}}
-  for label, runs in learned_runs.items():
+  for label, runs_at in learned_runs.items():
     per_horizon = {}
     for horizon in config.horizons:
+      runs = runs_at[str(horizon)]
       adam_train = adam_runs[winners[f"train_{horizon}"]]
       adam_valid = adam_runs[winners[f"valid_{horizon}"]]
       target = _final(mean_curve(adam_train), horizon)
@@ -150,7 +180,8 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners,
   result["curves"] = {
       "adam": {h: mean_curve(adam_runs[winners[f"train_{h}"]]).tolist()[::10]
                for h in map(str, config.horizons)},
-      **{label: mean_curve(runs).tolist()[::10] for label, runs in learned_runs.items()}}
+      **{label: mean_curve(runs_at[str(max(config.horizons))]).tolist()[::10]
+         for label, runs_at in learned_runs.items()}}
   return result
 
 
@@ -240,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="learned optimizer(s) to compare: a bundled name or a checkpoint "
                            "directory, optionally LABEL=PATH; repeatable. None: Adam only")
   parser.add_argument("--learning-rate", type=float, default=1.0,
-                      help="the learned optimizers' step multiplier")
+                      help="the learned optimizers' step multiplier (other than 1, it "
+                           "is appended to their labels: LABEL_lr0.3)")
+  parser.add_argument("--num-steps", action="store_true",
+                      help="also run each learned optimizer told the horizon (num_steps; "
+                           "one run per horizon), labelled LABEL+num_steps")
   parser.add_argument("--models", default="", help="comma-separated suite models (default all)")
   parser.add_argument("--steps", type=int, default=protocol.ProtocolConfig.steps)
   parser.add_argument("--horizons", default="1000,3000")
@@ -262,7 +297,13 @@ def main(argv: list[str] | None = None) -> int:
   for spec in args.optimizer:
     label, sep, path = spec.partition("=")
     label, path = (label, path) if sep else (pathlib.Path(spec).name, spec)
+    if args.learning_rate != 1.0:  # runs are cached by label: it must name the multiplier
+      label = f"{label}_lr{args.learning_rate:g}"
     learned[label] = optax_learned.load(path, learning_rate=args.learning_rate)
+    if args.num_steps:
+      learned[f"{label}+num_steps"] = (
+          lambda horizon, path=path: optax_learned.load(
+              path, learning_rate=args.learning_rate, num_steps=horizon))
   out_dir = pathlib.Path(args.out)
   summaries = []
   for model in protocol.suite_models(args.models):

@@ -299,19 +299,23 @@ def load_metadata(name_or_path: PathLike) -> dict[str, Any]:
   return _read_config(path / CONFIG_FILE).get("metadata") or {}
 
 
-def load(name_or_path: PathLike, learning_rate: optax.ScalarOrSchedule = 1.0):
+def load(name_or_path: PathLike, learning_rate: optax.ScalarOrSchedule = 1.0,
+         num_steps: int | None = None):
   """Loads a learned optimizer as an Optax transformation.
 
   Example::
 
     tx = optax_learned.load("cifar")
     tx = optax_learned.load("cifar", learning_rate=0.3)  # smaller learned steps
+    tx = optax_learned.load("cifar", num_steps=3000)     # anneals over a known length
 
   Args:
     name_or_path: a bundled name (see :func:`available`) or a checkpoint directory.
     learning_rate: a multiplier of every learned step (a scalar or an Optax schedule of the
       step count); 1.0, the default, is the meta-trained rule. See
       :meth:`LearnedOptimizer.transform`.
+    num_steps: the training length, if known: the steps then also decay to zero over it
+      by a cosine. ``None`` (the default): no decay. See :meth:`LearnedOptimizer.transform`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.
@@ -322,6 +326,7 @@ def load(name_or_path: PathLike, learning_rate: optax.ScalarOrSchedule = 1.0):
     CheckpointConfigError: a malformed, incomplete or unknown-keyed config.
     CheckpointVersionError: a checkpoint of another format version.
     CheckpointArraysError: arrays missing, unreadable, or not matching the config.
+    TypeError, ValueError: ``num_steps`` not a positive integer.
   """
   lopt, meta_params = load_weights(name_or_path)
-  return lopt.transform(meta_params, learning_rate=learning_rate)
+  return lopt.transform(meta_params, learning_rate=learning_rate, num_steps=num_steps)

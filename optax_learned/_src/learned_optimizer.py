@@ -213,8 +213,8 @@ class LearnedOptimizer:
   # -- the transformation ---------------------------------------------------------------
 
   def transform(self, meta_params: MetaParams,
-                learning_rate: optax.ScalarOrSchedule = 1.0
-                ) -> optax.GradientTransformationExtraArgs:
+                learning_rate: optax.ScalarOrSchedule = 1.0,
+                num_steps: int | None = None) -> optax.GradientTransformationExtraArgs:
     """Binds weights into an Optax transformation.
 
     Args:
@@ -223,6 +223,11 @@ class LearnedOptimizer:
       learning_rate: a multiplier of every learned step (a scalar, or a schedule of the
         step count as in Optax). The default 1.0 is the meta-trained rule; smaller values
         take smaller steps. It works under ``optax.inject_hyperparams``.
+      num_steps: the length of training, if known. Given, every step is also multiplied by
+        ``optax.cosine_decay_schedule(1.0, num_steps)`` of the step count: 1 at the first
+        update, decaying to 0 over ``num_steps`` updates (later updates are zero).
+        ``None``, the default, applies no decay: the learned rule does not need the
+        horizon, but a known one lets it anneal like a tuned schedule.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and
@@ -230,12 +235,14 @@ class LearnedOptimizer:
 
     Raises:
       InvalidTreeError: ``meta_params`` not shaped as :meth:`init` returns them.
+      ValueError: ``num_steps`` not a positive integer.
     """
     tree_checks.assert_matching_shapes(meta_params, self.meta_params_shapes(),
                                        "meta_params", "the optimizer's weights")
+    multiplier = _step_multiplier(learning_rate, num_steps)
     return optax.GradientTransformationExtraArgs(
         init=self._init_state,
-        update=lambda u, s, p=None, **kw: self._update(meta_params, learning_rate, u, s, p))
+        update=lambda u, s, p=None, **kw: self._update(meta_params, multiplier, u, s, p))
 
   def _init_state(self, params: optax.Params) -> LearnedOptimizerState:
     tree_checks.assert_float_leaves(params, "params")
@@ -244,7 +251,7 @@ class LearnedOptimizer:
                                  mu=jax.tree.map(zeros, params),
                                  nu=jax.tree.map(zeros, params))
 
-  def _update(self, meta_params: MetaParams, learning_rate: optax.ScalarOrSchedule,
+  def _update(self, meta_params: MetaParams, learning_rate: optax.Schedule,
               updates: optax.Updates, state: LearnedOptimizerState,
               params: optax.Params | None):
     if params is None:
@@ -292,8 +299,7 @@ class LearnedOptimizer:
           for (_, new_m, new_v), p in zip(accumulated, param_leaves, strict=True)])
       step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
                                                    [jnp.shape(p) for p in param_leaves])
-      multiplier = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      step_sizes = step_sizes * jnp.asarray(multiplier, jnp.float32)
+      step_sizes = step_sizes * jnp.asarray(learning_rate(state.count), jnp.float32)
     for i, ((g, new_m, new_v), ok, p) in enumerate(zip(accumulated, oks, param_leaves,
                                                        strict=True)):
       step = self._element_step(g, new_m, new_v, step_sizes[i], mixes[i], mu_correction,
@@ -408,6 +414,38 @@ class LearnedOptimizer:
     # all 0 so far) is infinite, which would turn meta-gradients into NaN.
     return ((momentum_coefficient * m + gradient_coefficient * g)
             / (jnp.sqrt(v * nu_correction + _TINY) + self.epsilon))
+
+
+def _step_multiplier(learning_rate: optax.ScalarOrSchedule,
+                     num_steps: int | jax.Array | None) -> optax.Schedule:
+  """The multiplier of the learned steps as a schedule of the step count.
+
+  Args:
+    learning_rate: a scalar or a schedule.
+    num_steps: ``None``, or the training length over which the multiplier decays to zero
+      by a cosine (an integer; an integer array under ``optax.inject_hyperparams``).
+
+  Returns:
+    ``count -> learning_rate(count) * cosine_decay(count)``.
+
+  Raises:
+    TypeError: ``num_steps`` not an integer.
+    ValueError: ``num_steps`` below 1.
+  """
+  base = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+  if num_steps is None:
+    return base
+  is_int_array = isinstance(num_steps, jax.Array) and jnp.issubdtype(num_steps.dtype,
+                                                                       jnp.integer)
+  if isinstance(num_steps, bool) or not (isinstance(num_steps, int) or is_int_array):
+    raise TypeError(f"num_steps must be a positive integer or None, got {num_steps!r}")
+  if isinstance(num_steps, int) and num_steps < 1:
+    raise ValueError(f"num_steps must be a positive integer or None, got {num_steps}")
+
+  def schedule(count):
+    progress = jnp.minimum(jnp.asarray(count, jnp.float32) / num_steps, 1.0)
+    return base(count) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return schedule
 
 
 def _as_tuple(value: Any, name: str, kind: type) -> tuple:
