@@ -235,7 +235,7 @@ class LearnedOptimizer:
 
     Raises:
       InvalidTreeError: ``meta_params`` not shaped as :meth:`init` returns them.
-      ValueError: ``num_steps`` not a positive integer.
+      TypeError, ValueError: ``num_steps`` not a positive integer.
     """
     tree_checks.assert_matching_shapes(meta_params, self.meta_params_shapes(),
                                        "meta_params", "the optimizer's weights")
@@ -442,6 +442,8 @@ def _step_multiplier(learning_rate: optax.ScalarOrSchedule,
   if isinstance(num_steps, int) and num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer or None, got {num_steps}")
 
+  # The cosine by hand rather than optax.cosine_decay_schedule, which checks its decay steps
+  # in Python and so refuses the traced array that optax.inject_hyperparams passes.
   def schedule(count):
     progress = jnp.minimum(jnp.asarray(count, jnp.float32) / num_steps, 1.0)
     return base(count) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
