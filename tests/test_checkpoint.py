@@ -1,5 +1,6 @@
 """Tests of learned optimizer checkpoints: round trips, bundled names and every bad input."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -93,8 +94,16 @@ def test_round_trip_is_bit_exact(saved):
   _assert_trees_bit_equal(meta_params, _meta_params())
   assert optax_learned.load_metadata(saved) == {"description": "a test optimizer", "steps": 3}
   config = json.loads((saved / "optimizer.json").read_text())
-  assert config["format_version"] == optax_learned.FORMAT_VERSION == 2
+  assert config["format_version"] == optax_learned.FORMAT_VERSION == 3
   assert config["package_version"] == optax_learned.__version__
+
+
+def test_anneal_steps_round_trips_and_the_bundled_cifar_has_its_decay(tmp_path):
+  lopt = dataclasses.replace(_LOPT, anneal_steps=500)
+  optax_learned.save(tmp_path / "annealing", lopt, _meta_params())
+  assert _call(optax_learned.load_weights, tmp_path / "annealing")[0].anneal_steps == 500.0
+  assert _call(optax_learned.load_weights, "cifar")[0].anneal_steps == 1000.0
+  assert _call(optax_learned.load_weights, "digits")[0].anneal_steps is None
 
 
 def test_load_returns_a_working_transformation(saved):
@@ -299,6 +308,8 @@ def test_malformed_config(copy, text, message):
      r"beta1 must lie in \[0, 1\)"),
     (lambda c: c["optimizer"].update(initial_gradient_mix=0), optax_learned.CheckpointConfigError,
      r"initial_gradient_mix must lie in \(0, 1\)"),
+    (lambda c: c["optimizer"].update(anneal_steps=0), optax_learned.CheckpointConfigError,
+     "anneal_steps must be a positive number"),
     (lambda c: c["optimizer"].update(skip_nonfinite="yes"), optax_learned.CheckpointConfigError,
      "skip_nonfinite must be a bool"),
 ])
@@ -310,10 +321,25 @@ def test_invalid_config(copy, edit, error, message):
     optax_learned.load(copy)
 
 
+def test_version_2_checkpoint_loads_without_the_decay_it_predates(copy):
+  """Format 2 has no ``anneal_steps``: it loads as it was trained, with no decay."""
+  def as_version_2(config):
+    config.update(format_version=2)
+    config["optimizer"].pop("anneal_steps")
+  _edit_config(copy, as_version_2)
+  lopt, _ = _call(optax_learned.load_weights, copy)
+  assert lopt.anneal_steps is None
+  # Format 3 must name the field.
+  _edit_config(copy, lambda c: c.update(format_version=3))
+  missing = r"missing field\(s\) \['anneal_steps'\]"
+  with pytest.raises(optax_learned.CheckpointConfigError, match=missing):
+    _call(optax_learned.load_weights, copy)
+
+
 def test_version_1_checkpoint_fails_naming_both_versions(copy):
   """Checkpoints of the per-element design (format 1, optax_learned 0.1) do not load."""
   _edit_config(copy, lambda c: c.update(format_version=1))
-  message = r"format version 1 .*reads format version 2"
+  message = r"format version 1 .*reads format versions 2 to 3"
   with pytest.raises(optax_learned.CheckpointVersionError, match=message):
     _call(optax_learned.load_weights, copy)
   with pytest.raises(optax_learned.CheckpointVersionError, match=message):

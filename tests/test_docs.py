@@ -500,6 +500,9 @@ TRIGGERS = {
             hidden_sizes=(5,)))),
     "config-num-steps-not-positive": lambda c: optax_learned.load("cifar", num_steps=0),
     "config-num-steps-type": lambda c: optax_learned.load("cifar", num_steps=2.5),
+    "config-anneal-steps-not-positive": lambda c: optax_learned.LearnedOptimizer(
+        anneal_steps=0),
+    "config-anneal-steps-type": lambda c: optax_learned.LearnedOptimizer(anneal_steps=True),
     # update
     "update-missing-params": lambda c: _tiny_tx()[1].update(_params(),
                                                             _tiny_tx()[1].init(_params())),

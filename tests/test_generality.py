@@ -57,7 +57,7 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
   optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(0)))
   argv = ["--optimizer", f"mine={optimizer}", "--models", "softmax_regression_b512,digits_mlp",
           "--steps", "60", "--horizons", "30,60", "--eval-every", "30", "--seeds", "2",
-          "--smoothing", "10", "--timing-reps", "5", "--num-steps",
+          "--smoothing", "10", "--train-eval-every", "10", "--timing-reps", "5", "--num-steps",
           "--data-dir", cifar_dir, "--out", str(out)]
   assert suite.main(argv) == 0
   results = json.loads((out / "results.json").read_text())
@@ -67,7 +67,8 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
     horizons = summary["optimizers"]["mine"]["horizons"]
     assert set(horizons) == {"30", "60"}
     for h in horizons.values():
-      assert h["late_rise"] >= 1.0
+      assert h["late_rise"] >= 1.0 and h["adam_late_rise"] >= 1.0
+      assert h["minibatch_late_rise"] >= 1.0
       assert np.isfinite(h["final_valid"]) and np.isfinite(h["adam_final_valid"])
       assert h["steps_fraction"] is None or 0 < h["steps_fraction"] <= 1
     assert summary["optimizers"]["mine"]["step_cost_ratio"] > 0
@@ -77,7 +78,13 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
     run = json.loads((out / "runs" / "digits_mlp" / f"mine+num_steps@{horizon}_seed"
                       f"{protocol.FIRST_SEED}.json").read_text())
     assert len(run["train_losses"]) == horizon
+    assert list(run["train_eval_losses"]) == [str(s) for s in range(10, horizon + 1, 10)]
     assert set(run["valid_losses"]) == {str(h) for h in (30, 60) if h <= horizon}
+  # The late rise is the worst seed's, read from the fixed training rows.
+  digits = results["models"][1]["optimizers"]["mine"]["horizons"]["30"]
+  runs = [json.loads((out / "runs" / "digits_mlp" / f"mine_seed{protocol.FIRST_SEED + i}.json")
+                     .read_text()) for i in range(2)]
+  assert digits["late_rise"] == max(suite.late_rise(r, 30) for r in runs)
   assert "| digits_mlp (outside CIFAR-10) | 60 |" in (out / "results.md").read_text()
   assert (out / "loss_curves.png").stat().st_size > 0
   # The per-step curves are in curves.json, not results.json; read_results joins them.
@@ -97,3 +104,26 @@ def test_suite_runs_caches_and_summarises(cifar_dir, tmp_path):
   assert "mine_lr0.5" in json.loads((out / "results.json").read_text())["models"][0][
       "optimizers"]
   assert (out / "runs" / "digits_mlp" / f"mine_lr0.5_seed{protocol.FIRST_SEED}.json").is_file()
+  # Other weights under the same label and path are another optimizer: its runs are redone.
+  optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(1)), overwrite=True)
+  before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+  assert suite.main(argv) == 0
+  after = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+  changed = {p.name for p in before if after[p] != before[p]}
+  assert changed and all(name.startswith("mine") for name in changed)
+  assert f"mine_seed{protocol.FIRST_SEED}.json" in changed
+
+
+def test_late_rise_reads_the_fixed_training_rows():
+  run = {"train_eval_losses": {"100": 2.0, "200": 1.0, "300": 1.2, "400": 0.9}}
+  assert suite.late_rise(run, 200) == 1.0
+  assert suite.late_rise(run, 300) == pytest.approx(1.2)
+  assert suite.late_rise(run, 400) == 1.0
+  assert suite.late_rise({"train_eval_losses": {"100": 2.0, "200": float("nan")}},
+                         200) == float("inf")
+
+
+def test_protocol_rejects_a_horizon_without_a_training_loss_measurement():
+  with pytest.raises(ValueError, match="train_eval_every"):
+    protocol.ProtocolConfig(steps=1000, horizons=(1000,), eval_every=500,
+                            train_eval_every=300)

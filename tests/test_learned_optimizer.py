@@ -1,5 +1,6 @@
 """Tests of the learned optimizer transformation: reference maths, pytrees, errors, numerics."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -400,8 +401,46 @@ def test_num_steps_works_under_inject_hyperparams_and_from_load():
   state = state._replace(inner_state=state.inner_state._replace(count=jnp.asarray(2, jnp.int32)))
   got, _ = jax.jit(tx.update)(grads, state, params)
   chex.assert_trees_all_close(got, expected, rtol=1e-6)
-  half, _ = jax.jit(optax_learned.load("cifar").update)(grads, state.inner_state, params)
+  undecayed = dataclasses.replace(lopt, anneal_steps=None).transform(meta_params)
+  half, _ = jax.jit(undecayed.update)(grads, state.inner_state, params)
   chex.assert_trees_all_close(got, jax.tree.map(lambda u: 0.5 * u, half), rtol=1e-5)
+
+
+def test_anneal_steps_decays_every_step_when_num_steps_is_not_given():
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0)
+  annealing = dataclasses.replace(lopt, anneal_steps=10)
+  meta_params = _random_meta_params(lopt)
+  params, grads = _tiny_tree(0), _tiny_tree(1)
+  plain = jax.jit(lopt.transform(meta_params).update)
+  annealed = jax.jit(annealing.transform(meta_params, learning_rate=0.5).update)
+  told = jax.jit(annealing.transform(meta_params, num_steps=20).update)
+  cosine = jax.jit(lopt.transform(meta_params, num_steps=20).update)
+  state = lopt.transform(meta_params).init(params)
+  for count in (0, 5, 10, 30):
+    at = state._replace(count=jnp.asarray(count, jnp.int32))
+    full, full_state = plain(grads, at, params)
+    got, got_state = annealed(grads, at, params)
+    factor = 0.5 / (1.0 + count / 10)
+    chex.assert_trees_all_close(got, jax.tree.map(lambda u, f=factor: f * u, full),
+                                rtol=1e-5, atol=1e-12)
+    chex.assert_trees_all_equal(got_state, full_state)
+    # Told the training length, the cosine replaces the inverse-time decay.
+    chex.assert_trees_all_equal(told(grads, at, params)[0], cosine(grads, at, params)[0])
+
+
+@pytest.mark.parametrize("value, error", [
+    (0, ValueError), (-1.0, ValueError), (float("inf"), ValueError), (True, TypeError),
+    ("100", TypeError)])
+def test_invalid_anneal_steps_is_refused_naming_it(value, error):
+  with pytest.raises(error, match="anneal_steps must be a positive number"):
+    optax_learned.LearnedOptimizer(anneal_steps=value)
+
+
+def test_anneal_steps_round_trips_through_to_dict_and_defaults_to_none():
+  config = optax_learned.LearnedOptimizer(anneal_steps=500).to_dict()
+  assert config["anneal_steps"] == 500.0
+  assert optax_learned.LearnedOptimizer.from_dict(config).anneal_steps == 500.0
+  assert optax_learned.LearnedOptimizer().anneal_steps is None
 
 
 @pytest.mark.parametrize("num_steps, error", [

@@ -2,11 +2,12 @@
 
 Every run trains one :data:`~metatrain.generality.models.SUITE` model in a plain jitted Flax
 loop (batches sampled inside ``jit``, BatchNorm statistics as mutable ``batch_stats``) from a
-seed, records each step's minibatch loss and the validation loss at fixed steps, and is
-cached as JSON under the output directory, so an interrupted suite resumes and Adam's grid
-is computed once for every learned optimizer compared against it. Validation rows are never
-used in meta-training: for CIFAR-10 they are the last ``HOLDOUT_ROWS`` rows of the training
-split, which the ``cifar`` recipe holds out; seeds start at ``FIRST_SEED``.
+seed, records each step's minibatch loss, the loss on a fixed set of training rows every
+``train_eval_every`` steps and the validation loss at fixed steps, and is cached as JSON
+under the output directory, so an interrupted suite resumes and Adam's grid is computed
+once for every learned optimizer compared against it. Validation rows are never used in
+meta-training: for CIFAR-10 they are the last ``HOLDOUT_ROWS`` rows of the training split,
+which the ``cifar`` recipe holds out; seeds start at ``FIRST_SEED``.
 """
 
 import dataclasses
@@ -24,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import optax_learned
 from metatrain import data as data_lib
 from metatrain import timing
 from metatrain._json_io import atomic_write
 from metatrain.generality.models import SUITE, SuiteModel
 
-__all__ = ("HOLDOUT_ROWS", "ProtocolConfig", "load_dataset", "run_cached", "step_cost_ratio")
+__all__ = ("HOLDOUT_ROWS", "ProtocolConfig", "checkpoint_fingerprint", "load_dataset",
+           "run_cached", "step_cost_ratio")
 
 HOLDOUT_ROWS = 5000
 FIRST_SEED = 1000
@@ -56,6 +59,12 @@ class ProtocolConfig:
     eval_every: steps between validation measurements (and at the end).
     eval_rows: validation rows evaluated (the first ones of the validation split).
     smoothing: window of the training-loss mean (steps).
+    train_eval_every: steps between measurements of the loss on a fixed set of training
+      rows, from which the late rise is read. (The minibatch loss's ``smoothing``-step mean
+      depends on which batches came last: with the same batches, tuned Adam's final mean
+      is up to 12% above its best one.)
+    train_eval_rows: training rows of that set (the first ones of the training split, in
+      evaluation mode).
     timing_reps: interleaved timing calls of each optimizer's step.
   """
   steps: int = 3000
@@ -65,15 +74,25 @@ class ProtocolConfig:
   eval_every: int = 500
   eval_rows: int = 5000
   smoothing: int = 50
+  train_eval_every: int = 100
+  train_eval_rows: int = 2000
   timing_reps: int = 60
 
   def __post_init__(self):
+    for name in ("steps", "seeds", "eval_every", "eval_rows", "smoothing", "train_eval_every",
+                 "train_eval_rows", "timing_reps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
     if max(self.horizons) > self.steps or min(self.horizons) < self.smoothing:
       raise ValueError(f"horizons {self.horizons} must lie in [smoothing={self.smoothing}, "
                        f"steps={self.steps}]")
     if any(h % self.eval_every for h in self.horizons):
       raise ValueError(f"every horizon {self.horizons} must be a multiple of eval_every "
                        f"({self.eval_every}), so that it has a validation measurement")
+    if any(h % self.train_eval_every for h in self.horizons):
+      raise ValueError(f"every horizon {self.horizons} must be a multiple of "
+                       f"train_eval_every ({self.train_eval_every}), so that it has a "
+                       "training-loss measurement")
 
 
 @functools.lru_cache(maxsize=4)
@@ -171,24 +190,25 @@ class _Run:
         self.params, self.extra, self.opt_state, key)
     return loss
 
-  def validation_loss(self, rows: int) -> float:
-    valid = self.data["valid"]
-    num = valid["x"].shape[0]
+  def evaluation_loss(self, split: str, rows: int) -> float:
+    """The mean loss in evaluation mode on the first ``rows`` rows of ``split``."""
+    data = self.data[split]
+    num = data["x"].shape[0]
     if self.model.dataset == "text":
       size = min(rows // TEXT_CONTEXT, (num - 1) // TEXT_CONTEXT) or 1
     else:
       size = min(rows, num)
-    return float(_validate(self.module, self.model, valid, self.params, self.extra, size))
+    return float(_evaluate(self.module, self.model, data, self.params, self.extra, size))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5))
-def _validate(module, model, valid, params, extra, size):
+def _evaluate(module, model, data, params, extra, size):
   chunk = 500 if model.dataset != "text" else 64
   total, count = 0.0, 0
   for start in range(0, size, chunk):
     n = min(chunk, size - start)
     offset = start * (TEXT_CONTEXT if model.dataset == "text" else 1)
-    x, y = _batch(model, valid, None, n, jnp.asarray(offset))
+    x, y = _batch(model, data, None, n, jnp.asarray(offset))
     loss, _ = _loss(module, {"params": params, **extra}, x, y, train=False)
     total, count = total + loss * n, count + n
   return total / count
@@ -199,11 +219,12 @@ def train(model: SuiteModel, tx: optax.GradientTransformation, seed: int,
   """One training run.
 
   Returns:
-    ``{"train_losses": [steps] (NaN after a divergence), "valid_losses": {step: loss},
-    "diverged": bool, "seconds": float}``.
+    ``{"train_losses": [steps] (NaN after a divergence), "train_eval_losses": {step: loss}
+    (on the fixed training rows), "valid_losses": {step: loss}, "diverged": bool,
+    "seconds": float}``.
   """
   run = _Run(model, tx, seed, data_dir)
-  losses, valid, diverged = [], {}, False
+  losses, train_eval, valid, diverged = [], {}, {}, False
   start = time.perf_counter()
   for step in range(1, config.steps + 1):
     losses.append(run.train_step(jax.random.fold_in(run.key, step)))
@@ -212,30 +233,38 @@ def train(model: SuiteModel, tx: optax.GradientTransformation, seed: int,
       if not np.all(np.isfinite(recent)) or np.max(recent) > DIVERGENCE_LOSS:
         diverged = True
         break
-      valid[str(step)] = run.validation_loss(config.eval_rows)
+      valid[str(step)] = run.evaluation_loss("valid", config.eval_rows)
+    if step % config.train_eval_every == 0:
+      train_eval[str(step)] = run.evaluation_loss("train", config.train_eval_rows)
   train_losses = np.full(config.steps, np.nan)
   got = np.asarray(jax.device_get(losses), np.float64)
   train_losses[:len(got)] = got
   if diverged:
     train_losses[len(got) - config.eval_every:] = np.nan
-  return {"train_losses": train_losses.tolist(), "valid_losses": valid, "diverged": diverged,
+  return {"train_losses": train_losses.tolist(), "train_eval_losses": train_eval,
+          "valid_losses": valid, "diverged": diverged,
           "seconds": time.perf_counter() - start}
 
 
 def run_cached(out_dir: pathlib.Path, model: SuiteModel, label: str,
                tx: optax.GradientTransformation, seed: int, config: ProtocolConfig,
-               data_dir: str | None = None) -> dict[str, Any]:
+               data_dir: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
   """:func:`train`, cached as ``out_dir/runs/<model>/<label>_seed<seed>.json``.
 
-  A cached run is reused when its steps and evaluation settings match ``config`` and the
-  model's source code and batch size are unchanged. ``label`` must name the optimizer
+  A cached run is reused when its steps and evaluation settings match ``config``, the
+  model's source code and batch size are unchanged, and so is ``fingerprint``, if given
+  (for a learned optimizer, :func:`checkpoint_fingerprint`: a re-exported checkpoint under
+  the same label is run again). ``label`` must name the optimizer and its settings
   uniquely (Adam's runs are labelled by learning rate).
   """
   path = out_dir / "runs" / model.name / f"{label}_seed{seed}.json"
   source = inspect.getsource(model.make) + repr((model.dataset, model.batch_size))
   key = {"steps": config.steps, "eval_every": config.eval_every,
-         "eval_rows": config.eval_rows,
+         "eval_rows": config.eval_rows, "train_eval_every": config.train_eval_every,
+         "train_eval_rows": config.train_eval_rows,
          "model": hashlib.sha256(source.encode()).hexdigest()[:16]}
+  if fingerprint is not None:
+    key["optimizer"] = fingerprint
   if not (path.is_file() and json.loads(path.read_text()).get("protocol") == key):
     result = train(model, tx, seed, config, data_dir)
     stored = {**result, "protocol": key,
@@ -247,6 +276,22 @@ def run_cached(out_dir: pathlib.Path, model: SuiteModel, label: str,
   cached = json.loads(path.read_text())
   cached["train_losses"] = [np.nan if v is None else v for v in cached["train_losses"]]
   return cached
+
+
+def checkpoint_fingerprint(name_or_path: str) -> str:
+  """A short hash of a learned optimizer's config and weights, as they load.
+
+  Args:
+    name_or_path: a bundled name or a checkpoint directory.
+
+  Returns:
+    16 hex digits that change when the optimizer's config or any weight does.
+  """
+  lopt, meta_params = optax_learned.load_weights(name_or_path)
+  digest = hashlib.sha256(json.dumps(lopt.to_dict(), sort_keys=True).encode())
+  for leaf in jax.tree.leaves(meta_params):
+    digest.update(np.asarray(leaf).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def step_cost_ratio(model: SuiteModel, txs: dict[str, optax.GradientTransformation],

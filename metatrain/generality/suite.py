@@ -8,8 +8,10 @@ every seed, and an interleaved step timing. Per model and horizon it reports
   training loss (the mean over seeds of its ``smoothing``-step mean) to reach tuned Adam's
   final training loss, as fractions of the horizon;
 - final validation loss of each, and their ratio;
-- divergence, and the late rise: the final training loss over the best ``smoothing``-step
-  mean of the run (the worst seed);
+- divergence, and the late rise: the final loss on a fixed set of training rows over its
+  lowest value in the run (measured every ``train_eval_every`` steps; the worst seed), next
+  to tuned Adam's (the minibatch loss's final over best ``smoothing``-step mean is kept too,
+  as ``minibatch_late_rise``: it depends on which batches came last);
 - the step-cost ratio.
 
 The output directory gets ``results.json`` (the protocol and each model's summary),
@@ -46,7 +48,7 @@ from metatrain._json_io import atomic_write, jsonable
 from metatrain.generality import protocol
 from metatrain.generality.models import SuiteModel
 
-__all__ = ("main", "read_results", "run_model", "summarize")
+__all__ = ("late_rise", "main", "read_results", "run_model", "summarize")
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.json"
@@ -70,22 +72,46 @@ def _final(curve: np.ndarray, horizon: int) -> float:
   return float(curve[horizon - 1])
 
 
+def late_rise(run: dict[str, Any], horizon: int) -> float:
+  """The loss on the fixed training rows at ``horizon`` over its lowest value until then.
+
+  Args:
+    run: a :func:`~metatrain.generality.protocol.train` result.
+    horizon: a step with a ``train_eval_losses`` measurement.
+
+  Returns:
+    The ratio (at least 1), or infinity when the final loss is not finite (a divergence).
+  """
+  losses = [v for step, v in run["train_eval_losses"].items() if int(step) <= horizon]
+  final = run["train_eval_losses"].get(str(horizon), math.nan)
+  return float(final / np.nanmin(losses)) if np.isfinite(final) else math.inf
+
+
+def _minibatch_late_rise(run: dict[str, Any], horizon: int, window: int) -> float:
+  """The final ``window``-step mean of the minibatch loss over its best one (noisier)."""
+  curve = smoothed(run["train_losses"], window)[:horizon]
+  return float(curve[-1] / np.nanmin(curve)) if np.isfinite(curve[-1]) else math.inf
+
+
 def _lr_label(lr: float) -> str:
   return f"adam_{lr:.0e}"
 
 
 def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.ProtocolConfig,
               learned: dict[str, Learned], data_dir: str | None,
-              log=print) -> dict[str, Any]:
+              log=print, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
   """Every run one model needs (cached), then its summary.
 
   ``learned`` maps labels to transformations, or to functions of the horizon that return
   one (such as ``lambda h: optax_learned.load("cifar", num_steps=h)``); those are run once
-  per horizon, for that many steps, and cached as ``<label>@<horizon>``.
+  per horizon, for that many steps, and cached as ``<label>@<horizon>``. ``fingerprints``
+  (by label, see :func:`~metatrain.generality.protocol.checkpoint_fingerprint`) keep a
+  changed optimizer from reusing the cached runs of its label.
   """
   seeds = [protocol.FIRST_SEED + i for i in range(config.seeds)]
-  run = lambda label, tx, seed: protocol.run_cached(out_dir, model, label, tx, seed, config,
-                                                    data_dir)
+  fingerprints = fingerprints or {}
+  run = lambda label, tx, seed, config=config, cache_as=None: protocol.run_cached(
+      out_dir, model, cache_as or label, tx, seed, config, data_dir, fingerprints.get(label))
   grid = {}
   for lr in config.adam_learning_rates:
     grid[lr] = run(_lr_label(lr), optax.adam(lr), seeds[0])
@@ -104,9 +130,8 @@ def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.Protoco
       learned_runs[label] = {}
       for h in config.horizons:
         config_h = dataclasses.replace(config, steps=h, horizons=(h,))
-        learned_runs[label][str(h)] = [
-            protocol.run_cached(out_dir, model, f"{label}@{h}", tx(h), s, config_h, data_dir)
-            for s in seeds]
+        learned_runs[label][str(h)] = [run(label, tx(h), s, config_h, f"{label}@{h}")
+                                       for s in seeds]
       timed[label] = tx(max(config.horizons))
     log(f"  {model.name} {label}: done")
   costs = {}
@@ -156,10 +181,6 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners,
       steps = int(reached[0]) + 1 if reached.size else None
       valid = [r["valid_losses"].get(str(horizon), math.nan) for r in runs]
       adam_valid_losses = [r["valid_losses"].get(str(horizon), math.nan) for r in adam_valid]
-      rises = []
-      for r in runs:
-        c = smoothed(r["train_losses"], window)[:horizon]
-        rises.append(float(c[-1] / np.nanmin(c)) if np.isfinite(c[-1]) else math.inf)
       cost = costs.get(label, math.nan)
       per_horizon[str(horizon)] = {
           "adam_train_lr": winners[f"train_{horizon}"],
@@ -173,7 +194,10 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners,
           "adam_final_valid": float(np.mean(adam_valid_losses)),
           "valid_ratio": float(np.mean(valid) / np.mean(adam_valid_losses)),
           "diverged": any(r["diverged"] for r in runs),
-          "late_rise": max(rises),
+          "late_rise": max(late_rise(r, horizon) for r in runs),
+          "adam_late_rise": max(late_rise(r, horizon) for r in adam_train),
+          "minibatch_late_rise": max(_minibatch_late_rise(r, horizon, window)
+                                     for r in runs),
       }
     result["optimizers"][label] = {"step_cost_ratio": costs.get(label), "horizons": per_horizon}
   result["adam_step_ms"] = costs.get("adam_ms")
@@ -189,7 +213,7 @@ def markdown_table(summaries: list[dict[str, Any]], label: str) -> str:
   """One row per model and horizon for the learned optimizer ``label``."""
   lines = ["| model | horizon | steps to Adam's train loss (x horizon) | wall-clock (x Adam's) "
            "| valid (learned / Adam) "
-           "| valid ratio | diverged | late rise | step cost |",
+           "| valid ratio | diverged | late rise (learned / Adam) | step cost |",
            "|---|---|---|---|---|---|---|---|---|"]
   fmt = lambda x, spec: "never" if x is None else format(x, spec)
   for summary in summaries:
@@ -202,7 +226,8 @@ def markdown_table(summaries: list[dict[str, Any]], label: str) -> str:
           f"| {name} | {horizon} | {fmt(h['steps_fraction'], '.2f')} "
           f"| {fmt(h['wall_clock_fraction'], '.2f')} "
           f"| {h['final_valid']:.3f} / {h['adam_final_valid']:.3f} | {h['valid_ratio']:.3f} "
-          f"| {'yes' if h['diverged'] else 'no'} | {h['late_rise']:.3f} "
+          f"| {'yes' if h['diverged'] else 'no'} "
+          f"| {h['late_rise']:.3f} / {h['adam_late_rise']:.3f} "
           f"| {opt['step_cost_ratio']:.2f}x |")
   return "\n".join(lines)
 
@@ -283,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--eval-every", type=int, default=protocol.ProtocolConfig.eval_every)
   parser.add_argument("--smoothing", type=int, default=protocol.ProtocolConfig.smoothing,
                       help="window of the training-loss mean (steps)")
+  parser.add_argument("--train-eval-every", type=int,
+                      default=protocol.ProtocolConfig.train_eval_every,
+                      help="steps between losses on the fixed training rows (the late rise)")
   parser.add_argument("--timing-reps", type=int, default=protocol.ProtocolConfig.timing_reps)
   parser.add_argument("--data-dir", default=None,
                       help="CIFAR-10 directory (default $OPTAX_LEARNED_DATA, else TFDS)")
@@ -291,25 +319,29 @@ def main(argv: list[str] | None = None) -> int:
 
   config = protocol.ProtocolConfig(steps=args.steps, seeds=args.seeds,
                                    eval_every=args.eval_every, smoothing=args.smoothing,
+                                   train_eval_every=args.train_eval_every,
                                    timing_reps=args.timing_reps,
                                    horizons=tuple(int(h) for h in args.horizons.split(",")))
-  learned = {}
+  learned, fingerprints = {}, {}
   for spec in args.optimizer:
     label, sep, path = spec.partition("=")
     label, path = (label, path) if sep else (pathlib.Path(spec).name, spec)
     if args.learning_rate != 1.0:  # runs are cached by label: it must name the multiplier
       label = f"{label}_lr{args.learning_rate:g}"
     learned[label] = optax_learned.load(path, learning_rate=args.learning_rate)
+    fingerprints[label] = protocol.checkpoint_fingerprint(path)
     if args.num_steps:
       learned[f"{label}+num_steps"] = (
           lambda horizon, path=path: optax_learned.load(
               path, learning_rate=args.learning_rate, num_steps=horizon))
+      fingerprints[f"{label}+num_steps"] = fingerprints[label]
   out_dir = pathlib.Path(args.out)
   summaries = []
   for model in protocol.suite_models(args.models):
     print(f"{model.name}: {model.description}", flush=True)
     summaries.append(run_model(model, out_dir, config, learned, args.data_dir,
-                               log=lambda line: print(line, flush=True)))
+                               log=lambda line: print(line, flush=True),
+                               fingerprints=fingerprints))
   _write_json(out_dir, config, summaries)
   tables = "\n\n".join(f"## {label}\n\n{markdown_table(summaries, label)}" for label in learned)
   atomic_write(out_dir / "results.md", tables + "\n")

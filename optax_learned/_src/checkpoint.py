@@ -27,11 +27,14 @@ import optax
 from optax_learned._src import errors
 from optax_learned._src.learned_optimizer import LearnedOptimizer, MetaParams
 
-FORMAT_VERSION = 2
-"""The checkpoint layout this version writes. Version 2 (optax_learned 0.2) holds the
-hierarchical optimizer (per-tensor network, Adam-shaped state); version 1 (0.1) held the
-per-element MLP, which this version no longer implements, so version 1 checkpoints fail to
-load with a message naming both versions."""
+FORMAT_VERSION = 3
+"""The checkpoint layout this version writes. Version 3 adds the optimizer field
+``anneal_steps``; version 2 checkpoints (the same hierarchical optimizer: per-tensor
+network, Adam-shaped state) predate it and load with no decay, as they were trained.
+Version 1 (0.1) held the per-element MLP, which this version no longer implements, so
+version 1 checkpoints fail to load with a message naming version 1 and the versions read."""
+# Fields a format version predates, with the value that reproduces its behaviour.
+_ADDED_FIELDS = {3: {"anneal_steps": None}}
 CONFIG_FILE = "optimizer.json"
 WEIGHTS_DIR = "weights"
 _CONFIG_KEYS = {"format_version", "package_version", "optimizer", "metadata"}
@@ -176,12 +179,12 @@ def _read_config(config_file: pathlib.Path) -> dict[str, Any]:
     raise errors.CheckpointVersionError(
         f"{config_file}: format version {version} is newer than this optax_learned "
         f"({_package_version()}) reads (up to {FORMAT_VERSION}); upgrade optax_learned")
-  if version < FORMAT_VERSION:
+  if version < 2:
     raise errors.CheckpointVersionError(
         f"{config_file}: format version {version} holds the per-element MLP optimizer of "
-        f"optax_learned 0.1; this optax_learned ({_package_version()}) reads format version "
-        f"{FORMAT_VERSION} (the hierarchical optimizer). Load it with optax-learned==0.1.0, "
-        "or meta-train it again with this version")
+        f"optax_learned 0.1; this optax_learned ({_package_version()}) reads format versions "
+        f"2 to {FORMAT_VERSION} (the hierarchical optimizer). Load it with "
+        "optax-learned==0.1.0, or meta-train it again with this version")
   if not isinstance(config.get("metadata") or {}, dict):
     raise errors.CheckpointConfigError(f"{config_file}: metadata must be a JSON object")
   return config
@@ -221,7 +224,11 @@ def _read(name_or_path: PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
     raise errors.CheckpointNotFoundError(
         f"{path} is not a learned optimizer checkpoint: it has no {CONFIG_FILE}")
   config = _read_config(config_file)
-  lopt = _optimizer_from_config(config["optimizer"], config_file)
+  optimizer = config["optimizer"]
+  if isinstance(optimizer, dict):  # an older format: the fields it predates
+    for version in range(config["format_version"] + 1, FORMAT_VERSION + 1):
+      optimizer = {**_ADDED_FIELDS.get(version, {}), **optimizer}
+  lopt = _optimizer_from_config(optimizer, config_file)
   weights = (path / WEIGHTS_DIR).absolute()
   if not weights.is_dir():
     raise errors.CheckpointArraysError(f"{weights}: the weights directory is missing")
@@ -312,10 +319,12 @@ def load(name_or_path: PathLike, learning_rate: optax.ScalarOrSchedule = 1.0,
   Args:
     name_or_path: a bundled name (see :func:`available`) or a checkpoint directory.
     learning_rate: a multiplier of every learned step (a scalar or an Optax schedule of the
-      step count); 1.0, the default, is the meta-trained rule. See
+      step count); 1.0, the default, takes the checkpoint's own steps. See
       :meth:`LearnedOptimizer.transform`.
     num_steps: the training length, if known: the steps then also decay to zero over it
-      by a cosine. ``None`` (the default): no decay. See :meth:`LearnedOptimizer.transform`.
+      by a cosine. ``None`` (the default): the checkpoint's own decay
+      (:attr:`LearnedOptimizer.anneal_steps`; ``cifar``'s is 1000), if any. See
+      :meth:`LearnedOptimizer.transform`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``params``.

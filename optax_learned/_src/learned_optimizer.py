@@ -107,6 +107,12 @@ class LearnedOptimizer:
       make the untrained optimizer a width-scaled Adam.
     epsilon: added to ``sqrt(nu_hat)`` in the denominator.
     activation: hidden activation, one of ``"relu"``, ``"gelu"``, ``"tanh"``.
+    anneal_steps: when the training length is not given (``num_steps=None`` in
+      :meth:`transform`), every step is multiplied by ``1 / (1 + count / anneal_steps)``,
+      an inverse-time decay that needs no horizon (``None``: no decay). The learned rule
+      sees the step count but not the horizon; meta-trained on horizons of a few thousand
+      steps, it keeps too large a step past about a thousand. Meta-training applies it
+      too (the bundled ``cifar`` was meta-trained without one; its 1000 was set after).
     skip_nonfinite: if true, an element whose gradient is NaN or Inf gets a zero update
       and keeps its accumulators (a step whose gradients are all NaN leaves the parameters
       and the accumulators unchanged; the count still advances), and contributes zeros
@@ -132,6 +138,7 @@ class LearnedOptimizer:
   output_init_scale: float = 0.01
   epsilon: float = 1e-8
   activation: str = "relu"
+  anneal_steps: float | None = None
   skip_nonfinite: bool = True
 
   def __post_init__(self):
@@ -160,6 +167,13 @@ class LearnedOptimizer:
     if not isinstance(self.activation, str) or self.activation not in _ACTIVATIONS:
       raise ValueError(
           f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+    if self.anneal_steps is not None:
+      value = self.anneal_steps
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"anneal_steps must be a positive number or None, got {value!r}")
+      if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"anneal_steps must be a positive number or None, got {value!r}")
+      set_("anneal_steps", float(value))
     if not isinstance(self.skip_nonfinite, bool):
       raise TypeError(f"skip_nonfinite must be a bool, got {self.skip_nonfinite!r}")
 
@@ -221,13 +235,15 @@ class LearnedOptimizer:
       meta_params: weights from :meth:`init`, :func:`optax_learned.load_weights` or
         meta-training. May be traced (meta-training differentiates through them).
       learning_rate: a multiplier of every learned step (a scalar, or a schedule of the
-        step count as in Optax). The default 1.0 is the meta-trained rule; smaller values
-        take smaller steps. It works under ``optax.inject_hyperparams``.
+        step count as in Optax). The default 1.0 takes the configured steps (with the
+        decay of :attr:`anneal_steps`, if any); smaller values take smaller steps. It works
+        under ``optax.inject_hyperparams``.
       num_steps: the length of training, if known. Given, every step is also multiplied by
         ``optax.cosine_decay_schedule(1.0, num_steps)`` of the step count: 1 at the first
         update, decaying to 0 over ``num_steps`` updates (later updates are zero).
-        ``None``, the default, applies no decay: the learned rule does not need the
-        horizon, but a known one lets it anneal like a tuned schedule.
+        ``None``, the default, applies the configured horizon-free decay
+        (:attr:`anneal_steps`), or none: the learned rule does not need the horizon, but a
+        known one lets it anneal like a tuned schedule.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs ``params`` and
@@ -239,7 +255,7 @@ class LearnedOptimizer:
     """
     tree_checks.assert_matching_shapes(meta_params, self.meta_params_shapes(),
                                        "meta_params", "the optimizer's weights")
-    multiplier = _step_multiplier(learning_rate, num_steps)
+    multiplier = _step_multiplier(learning_rate, num_steps, self.anneal_steps)
     return optax.GradientTransformationExtraArgs(
         init=self._init_state,
         update=lambda u, s, p=None, **kw: self._update(meta_params, multiplier, u, s, p))
@@ -417,16 +433,19 @@ class LearnedOptimizer:
 
 
 def _step_multiplier(learning_rate: optax.ScalarOrSchedule,
-                     num_steps: int | jax.Array | None) -> optax.Schedule:
+                     num_steps: int | jax.Array | None,
+                     anneal_steps: float | None = None) -> optax.Schedule:
   """The multiplier of the learned steps as a schedule of the step count.
 
   Args:
     learning_rate: a scalar or a schedule.
     num_steps: ``None``, or the training length over which the multiplier decays to zero
       by a cosine (an integer; an integer array under ``optax.inject_hyperparams``).
+    anneal_steps: without ``num_steps``, the scale of an inverse-time decay
+      ``1 / (1 + count / anneal_steps)`` (``None``: no decay).
 
   Returns:
-    ``count -> learning_rate(count) * cosine_decay(count)``.
+    ``count -> learning_rate(count) * decay(count)``.
 
   Raises:
     TypeError: ``num_steps`` not an integer.
@@ -434,7 +453,9 @@ def _step_multiplier(learning_rate: optax.ScalarOrSchedule,
   """
   base = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
   if num_steps is None:
-    return base
+    if anneal_steps is None:
+      return base
+    return lambda count: base(count) / (1.0 + jnp.asarray(count, jnp.float32) / anneal_steps)
   is_int_array = isinstance(num_steps, jax.Array) and jnp.issubdtype(num_steps.dtype,
                                                                        jnp.integer)
   if isinstance(num_steps, bool) or not (isinstance(num_steps, int) or is_int_array):
