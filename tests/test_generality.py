@@ -127,3 +127,43 @@ def test_protocol_rejects_a_horizon_without_a_training_loss_measurement():
   with pytest.raises(ValueError, match="train_eval_every"):
     protocol.ProtocolConfig(steps=1000, horizons=(1000,), eval_every=500,
                             train_eval_every=300)
+
+
+def test_suite_merges_an_earlier_output_with_the_same_protocol(cifar_dir, tmp_path):
+  optimizer = tmp_path / "opt"
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
+  optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(0)))
+  common = ["--optimizer", f"mine={optimizer}", "--steps", "20", "--horizons", "20",
+            "--eval-every", "20", "--seeds", "1", "--smoothing", "10",
+            "--train-eval-every", "10", "--timing-reps", "2", "--data-dir", cifar_dir]
+  first, second = tmp_path / "first", tmp_path / "second"
+  assert suite.main(common + ["--models", "digits_mlp", "--out", str(first)]) == 0
+  assert suite.main(common + ["--models", "softmax_regression_b512", "--out", str(second),
+                              "--merge", str(first)]) == 0
+  merged = suite.read_results(second)
+  # Both models, in the suite's order, the earlier one as it was summarised there.
+  assert [m["model"] for m in merged["models"]] == ["softmax_regression_b512", "digits_mlp"]
+  assert merged["models"][1] == suite.read_results(first)["models"][0]
+  assert merged["merged_from"] == [str(first)]
+  assert "| digits_mlp (outside CIFAR-10) | 20 |" in (second / "results.md").read_text()
+  # Another protocol, or other weights under the same label, cannot be merged.
+  with pytest.raises(ValueError, match=r"protocol differs .*\['seeds'\]"):
+    suite.main([a if a != "1" else "2" for a in common]
+               + ["--models", "softmax_regression_b512", "--out", str(tmp_path / "third"),
+                  "--merge", str(first)])
+  optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(1)), overwrite=True)
+  with pytest.raises(ValueError, match="optimizer 'mine' has fingerprint"):
+    suite.main(common + ["--models", "softmax_regression_b512", "--out", str(second),
+                         "--merge", str(first)])
+
+
+def test_suite_step_cost_benchmark_reports_each_model_against_the_target(cifar_dir, tmp_path):
+  from benchmarks import suite_step_cost  # noqa: PLC0415
+  out = tmp_path / "cost.json"
+  rc = suite_step_cost.main(["--models", "softmax_regression_b512,digits_mlp", "--reps", "3",
+                             "--data-dir", cifar_dir, "--out", str(out)])
+  ratios = json.loads(out.read_text())["ratios"]
+  assert set(ratios) == {"softmax_regression_b512", "digits_mlp"}
+  assert all(r["cifar"] > 0 and r["adam"] == 1.0 for r in ratios.values())
+  # Only the CIFAR-10 model counts against the target.
+  assert rc == int(ratios["softmax_regression_b512"]["cifar"] > suite_step_cost.TARGET)

@@ -31,7 +31,7 @@ from metatrain import timing
 from metatrain._json_io import atomic_write
 from metatrain.generality.models import SUITE, SuiteModel
 
-__all__ = ("HOLDOUT_ROWS", "ProtocolConfig", "checkpoint_fingerprint", "load_dataset",
+__all__ = ("HOLDOUT_ROWS", "ProtocolConfig", "load_dataset", "optimizer_fingerprint",
            "run_cached", "step_cost_ratio")
 
 HOLDOUT_ROWS = 5000
@@ -253,7 +253,7 @@ def run_cached(out_dir: pathlib.Path, model: SuiteModel, label: str,
 
   A cached run is reused when its steps and evaluation settings match ``config``, the
   model's source code and batch size are unchanged, and so is ``fingerprint``, if given
-  (for a learned optimizer, :func:`checkpoint_fingerprint`: a re-exported checkpoint under
+  (for a learned optimizer, :func:`optimizer_fingerprint`: a re-exported checkpoint under
   the same label is run again). ``label`` must name the optimizer and its settings
   uniquely (Adam's runs are labelled by learning rate).
   """
@@ -278,16 +278,16 @@ def run_cached(out_dir: pathlib.Path, model: SuiteModel, label: str,
   return cached
 
 
-def checkpoint_fingerprint(name_or_path: str) -> str:
-  """A short hash of a learned optimizer's config and weights, as they load.
+def optimizer_fingerprint(lopt: optax_learned.LearnedOptimizer, meta_params: Any) -> str:
+  """A short hash of a learned optimizer's config and weights.
 
   Args:
-    name_or_path: a bundled name or a checkpoint directory.
+    lopt: the optimizer's config, as :func:`optax_learned.load_weights` returns it.
+    meta_params: its weights.
 
   Returns:
-    16 hex digits that change when the optimizer's config or any weight does.
+    16 hex digits that change when the config or any weight does.
   """
-  lopt, meta_params = optax_learned.load_weights(name_or_path)
   digest = hashlib.sha256(json.dumps(lopt.to_dict(), sort_keys=True).encode())
   for leaf in jax.tree.leaves(meta_params):
     digest.update(np.asarray(leaf).tobytes())

@@ -29,6 +29,10 @@ Usage::
 ``--num-steps`` adds each learned optimizer told the horizon (``num_steps``, see
 :func:`optax_learned.load`) as ``LABEL+num_steps``: one run per horizon, against the same
 tuned Adam (constant learning rate, tuned per horizon).
+
+``--merge DIR`` adds the models of an earlier suite output (another session's or machine's)
+that this run did not run, so that a suite split across runs is reported as one; see
+:func:`merge_results`.
 """
 
 import argparse
@@ -46,9 +50,9 @@ import optax
 import optax_learned
 from metatrain._json_io import atomic_write, jsonable
 from metatrain.generality import protocol
-from metatrain.generality.models import SuiteModel
+from metatrain.generality.models import SUITE, SuiteModel
 
-__all__ = ("late_rise", "main", "read_results", "run_model", "summarize")
+__all__ = ("late_rise", "main", "merge_results", "read_results", "run_model", "summarize")
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.json"
@@ -233,7 +237,9 @@ def markdown_table(summaries: list[dict[str, Any]], label: str) -> str:
 
 
 def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) -> None:
-  """One panel per model: smoothed training loss of each learned optimizer and tuned Adam."""
+  """One panel per model: smoothed training loss of each learned optimizer and tuned Adam
+  (models without curves are left out)."""
+  summaries = [s for s in summaries if "curves" in s]
   import matplotlib  # noqa: PLC0415 (only when plotting)
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
@@ -258,13 +264,15 @@ def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) ->
 
 
 def _write_json(out_dir: pathlib.Path, config: protocol.ProtocolConfig,
-                summaries: list[dict[str, Any]]) -> None:
+                summaries: list[dict[str, Any]], fingerprints: dict[str, str],
+                merged_from: list[str]) -> None:
   """Writes ``results.json`` (the summaries without their curves) and ``curves.json``."""
-  curves = {"models": {s["model"]: s["curves"] for s in summaries}}
+  curves = {"models": {s["model"]: s["curves"] for s in summaries if "curves" in s}}
   atomic_write(out_dir / CURVES_FILE, json.dumps(jsonable(curves)))
   models = [{k: v for k, v in s.items() if k != "curves"} for s in summaries]
   atomic_write(out_dir / RESULTS_FILE, json.dumps(jsonable(
-      {"protocol": config.__dict__, "models": models, "curves_file": CURVES_FILE}), indent=1))
+      {"protocol": config.__dict__, "fingerprints": fingerprints, "merged_from": merged_from,
+       "models": models, "curves_file": CURVES_FILE}), indent=1))
 
 
 def read_results(out_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -285,6 +293,54 @@ def read_results(out_dir: str | pathlib.Path) -> dict[str, Any]:
     results["models"] = [{**m, "curves": curves[m["model"]]} if m["model"] in curves else m
                          for m in results["models"]]
   return results
+
+
+def merge_results(summaries: list[dict[str, Any]], config: protocol.ProtocolConfig,
+                  fingerprints: dict[str, str], other_dir: str | pathlib.Path,
+                  warn=print) -> list[dict[str, Any]]:
+  """``summaries`` and the models of an earlier suite output that they lack, in suite order.
+
+  Args:
+    summaries: this run's model summaries (they take precedence).
+    config: this run's protocol; the other output's must be the same.
+    fingerprints: this run's optimizers' fingerprints by label
+      (:func:`~metatrain.generality.protocol.optimizer_fingerprint`).
+    other_dir: the earlier output directory (see :func:`read_results`).
+    warn: called with a line when the other output records no fingerprint for a label
+      (outputs before fingerprints were recorded): its optimizer is then taken on trust.
+
+  Returns:
+    The combined summaries.
+
+  Raises:
+    FileNotFoundError: ``other_dir`` has no ``results.json``.
+    ValueError: the protocols differ (the keys are named), or an optimizer label has
+      another fingerprint there.
+  """
+  other = read_results(other_dir)
+  ours = json.loads(json.dumps(jsonable(config.__dict__)))
+  differ = sorted(k for k in ours.keys() | other["protocol"].keys()
+                  if ours.get(k) != other["protocol"].get(k))
+  if differ:
+    raise ValueError(f"{other_dir}: its protocol differs from this run's in {differ} "
+                     f"(there: {[other['protocol'].get(k) for k in differ]}, here: "
+                     f"{[ours.get(k) for k in differ]})")
+  recorded = other.get("fingerprints") or {}
+  for label, fingerprint in fingerprints.items():
+    if label not in recorded:
+      warn(f"{other_dir} records no fingerprint for {label!r}: taken to be the same optimizer")
+    elif recorded[label] != fingerprint:
+      raise ValueError(f"{other_dir}: optimizer {label!r} has fingerprint {recorded[label]} "
+                       f"there and {fingerprint} here: another config or other weights")
+  return _combined(summaries, other["models"])
+
+
+def _combined(summaries: list[dict[str, Any]], others: list[dict[str, Any]]):
+  """``summaries`` and the ``others`` of models they lack, in suite order."""
+  have = {s["model"] for s in summaries}
+  combined = summaries + [m for m in others if m["model"] not in have]
+  order = {name: i for i, name in enumerate(SUITE)}
+  return sorted(combined, key=lambda s: order.get(s["model"], len(order)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--data-dir", default=None,
                       help="CIFAR-10 directory (default $OPTAX_LEARNED_DATA, else TFDS)")
   parser.add_argument("--out", required=True, help="output directory (runs are cached there)")
+  parser.add_argument("--merge", action="append", default=[], metavar="DIR",
+                      help="an earlier suite output directory: its models that this run does "
+                           "not run join the results (same protocol and optimizers); "
+                           "repeatable")
   args = parser.parse_args(argv)
 
   config = protocol.ProtocolConfig(steps=args.steps, seeds=args.seeds,
@@ -328,13 +388,18 @@ def main(argv: list[str] | None = None) -> int:
     label, path = (label, path) if sep else (pathlib.Path(spec).name, spec)
     if args.learning_rate != 1.0:  # runs are cached by label: it must name the multiplier
       label = f"{label}_lr{args.learning_rate:g}"
-    learned[label] = optax_learned.load(path, learning_rate=args.learning_rate)
-    fingerprints[label] = protocol.checkpoint_fingerprint(path)
+    lopt, meta_params = optax_learned.load_weights(path)
+    learned[label] = lopt.transform(meta_params, learning_rate=args.learning_rate)
+    fingerprints[label] = protocol.optimizer_fingerprint(lopt, meta_params)
     if args.num_steps:
       learned[f"{label}+num_steps"] = (
-          lambda horizon, path=path: optax_learned.load(
-              path, learning_rate=args.learning_rate, num_steps=horizon))
+          lambda horizon, lopt=lopt, meta_params=meta_params: lopt.transform(
+              meta_params, learning_rate=args.learning_rate, num_steps=horizon))
       fingerprints[f"{label}+num_steps"] = fingerprints[label]
+  # Checked before any run: a merge that cannot happen fails now, not hours later.
+  earlier = [merge_results([], config, fingerprints, other_dir,
+                           warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+             for other_dir in args.merge]
   out_dir = pathlib.Path(args.out)
   summaries = []
   for model in protocol.suite_models(args.models):
@@ -342,11 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     summaries.append(run_model(model, out_dir, config, learned, args.data_dir,
                                log=lambda line: print(line, flush=True),
                                fingerprints=fingerprints))
-  _write_json(out_dir, config, summaries)
+  for models in earlier:
+    summaries = _combined(summaries, models)
+  _write_json(out_dir, config, summaries, fingerprints, args.merge)
   tables = "\n\n".join(f"## {label}\n\n{markdown_table(summaries, label)}" for label in learned)
   atomic_write(out_dir / "results.md", tables + "\n")
   if learned:
     plot(summaries, out_dir / "loss_curves.png", config.smoothing)
+    unplotted = [s["model"] for s in summaries if "curves" not in s]
+    if unplotted:
+      print(f"warning: no curves for {unplotted} (their curves.json is missing): "
+            "not plotted", file=sys.stderr)
     print(tables)
   return 0
 
