@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
   print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs, load average {load:.1f}; {args.reps} interleaved reps")
   print(f"{'model':<26}{'adam ms':>9}" + "".join(f"{n[-20:]:>22}" for n in names))
+  txs = {"adam": optax.adam(1e-3), **{n: optax_learned.load(n) for n in names}}
   results, missed = {}, False
   for model in models:
-    txs = {"adam": optax.adam(1e-3), **{n: optax_learned.load(n) for n in names}}
     ratios = protocol.step_cost_ratio(model, txs, args.reps, args.data_dir)
     results[model.name] = ratios
     cells = []
