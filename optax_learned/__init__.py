@@ -31,7 +31,7 @@ from optax_learned._src.errors import (
 )
 from optax_learned._src.learned_optimizer import LearnedOptimizer, LearnedOptimizerState, MetaParams
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = (
     "FORMAT_VERSION",

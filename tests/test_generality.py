@@ -157,6 +157,39 @@ def test_suite_merges_an_earlier_output_with_the_same_protocol(cifar_dir, tmp_pa
                          "--merge", str(first)])
 
 
+def test_suite_reads_tuned_adam_from_an_earlier_output(cifar_dir, tmp_path):
+  """--adam-from: the learned optimizer is run, Adam is not, and the comparison is the one
+  the earlier output made (the same runs give the same summary)."""
+  optimizer = tmp_path / "opt"
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,))
+  optax_learned.save(optimizer, lopt, lopt.init(jax.random.key(0)))
+  common = ["--optimizer", f"mine={optimizer}", "--models", "digits_mlp", "--steps", "20",
+            "--horizons", "10,20", "--eval-every", "10", "--seeds", "2", "--smoothing", "5",
+            "--train-eval-every", "10", "--timing-reps", "2", "--data-dir", cifar_dir]
+  first, second = tmp_path / "first", tmp_path / "second"
+  assert suite.main(common + ["--out", str(first)]) == 0
+  assert suite.main(common + ["--out", str(second), "--adam-from", str(first)]) == 0
+  assert sorted(p.name for p in (second / "runs" / "digits_mlp").iterdir()) == [
+      f"mine_seed{protocol.FIRST_SEED + i}.json" for i in range(2)]
+  without_timing = lambda m: {k: v for k, v in m.items() if k != "adam_step_ms"} | {
+      "optimizers": {label: {**o, "step_cost_ratio": None,
+                             "horizons": {h: {k: v for k, v in r.items()
+                                              if k != "wall_clock_fraction"}
+                                          for h, r in o["horizons"].items()}}
+                     for label, o in m["optimizers"].items()}}
+  ours, theirs = (suite.read_results(d) for d in (second, first))
+  assert without_timing(ours["models"][0]) == without_timing(theirs["models"][0])
+  assert ours["adam_from"] == str(first)
+  # Another protocol, or a model the earlier output lacks, is refused before any run.
+  three_seeds = common[:common.index("--seeds") + 1] + ["3"] + common[common.index("--seeds") + 2:]
+  with pytest.raises(ValueError, match=r"protocol differs .*\['seeds'\]"):
+    suite.main(three_seeds + ["--out", str(tmp_path / "third"), "--adam-from", str(first)])
+  with pytest.raises(ValueError, match=r"no summary of \['softmax_regression_b512'\]"):
+    suite.main([a if a != "digits_mlp" else "softmax_regression_b512" for a in common]
+               + ["--out", str(tmp_path / "third"), "--adam-from", str(first)])
+  assert not (tmp_path / "third").exists()
+
+
 def test_suite_step_cost_benchmark_reports_each_model_against_the_target(cifar_dir, tmp_path):
   from benchmarks import suite_step_cost  # noqa: PLC0415
   out = tmp_path / "cost.json"

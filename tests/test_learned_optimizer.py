@@ -35,17 +35,32 @@ def _np_tree(tree):
   return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
 
 
+def _sampled_rows(num_rows, width):
+  """The documented pseudo-random rows of a ``[num_rows, width]`` tensor, in order."""
+  return np.sort(np.random.default_rng(num_rows).choice(num_rows, _SAMPLE_SIZE // width,
+                                                        replace=False))
+
+
 def _sample(x):
-  """At most 4096 evenly spaced elements: every ``n // 4096``-th of the flattened array."""
+  """At most 4096 elements: all of a small tensor; of a larger one with rows (its last
+  dimension) of 2 to 2048 elements, ``4096 // width`` whole rows (:func:`_sampled_rows`);
+  else every ``n // 4096``-th element of the flattened array."""
   flat = x.reshape(-1)
-  return flat[::max(flat.size // _SAMPLE_SIZE, 1)][:_SAMPLE_SIZE]
+  if flat.size <= _SAMPLE_SIZE:
+    return flat
+  width = x.shape[-1] if x.ndim >= 2 else 1
+  if 1 < width <= _SAMPLE_SIZE // 2:
+    rows = flat.reshape(-1, width)
+    return rows[_sampled_rows(rows.shape[0], width)].reshape(-1)
+  return flat[::flat.size // _SAMPLE_SIZE][:_SAMPLE_SIZE]
 
 
 def reference_step(lopt, meta_params, grads, params, state, learning_rate=1.0):
   """One step of the hierarchical learned optimizer, written out in float64 numpy.
 
   For each tensor: scale-free features (fan-in, fan-out, vector flag, parameter scale
-  against ``1 / sqrt(fan_in)``, gradient signal-to-noise ratio on evenly spaced samples) and
+  against ``1 / sqrt(fan_in)``, gradient signal-to-noise ratio; both on samples of the
+  state the step receives) and
   time features feed the per-tensor MLP; its first output is a bounded log-step correction
   of the fan-in scaled base step, its second the logit of the gradient mix ``q`` (offset by
   the initial mix). Each element then takes Adam's bias-corrected step with that step size
@@ -77,13 +92,15 @@ def reference_step(lopt, meta_params, grads, params, state, learning_rate=1.0):
     fan_out = shape[-1] if len(shape) >= 2 else 1
     features = [math.log(fan_in) / 4.0, math.log(fan_out) / 4.0, float(len(shape) < 2)]
     if p.size:
-      # The features read the updated accumulators, non-finite entries (not skipped when
-      # skip_nonfinite is off) as zeros.
-      ps, ms, vs = (_sample(x) for x in (p, new_mu[key], new_nu[key]))
+      # The features read the accumulators as the step receives them (before this
+      # gradient), bias-corrected for the updates they have seen (at least 1: at count 0
+      # they are zero), non-finite entries (not skipped when skip_nonfinite is off) as zeros.
+      seen = max(count, 1)
+      ps, ms, vs = (_sample(x) for x in (p, m0, v0))
       ms, vs = (np.where(np.isfinite(x), x, 0.0) for x in (ms, vs))
       scale = math.log(np.mean(ps ** 2) * fan_in + 1e-30) / 2.0
-      snr = math.log((np.mean((ms * mu_correction) ** 2) + 1e-30)
-                     / (np.mean(vs * nu_correction) + 1e-30))
+      snr = math.log((np.mean((ms / (1.0 - b1 ** seen)) ** 2) + 1e-30)
+                     / (np.mean(vs / (1.0 - b2 ** seen)) + 1e-30))
       features += [np.clip(scale, -10.0, 10.0) / 2.0, np.clip(snr, -20.0, 0.0) / 4.0]
     else:
       features += [0.0, 0.0]
@@ -150,12 +167,14 @@ def _tiny_tree(seed, scale=1.0):
 def _reference_tree(seed, scale=1.0):
   """Vectors, a scalar, a matrix, a 3-d kernel and a tensor sampled for its features.
 
-  ``big`` has 3 * 4100 elements: its features are read from every third element, and of
-  those only the first 4096 (flat indices 0, 3, ..., 12285).
+  ``big`` has 3 * 4100 elements in rows longer than half the sample: its features are read
+  from every third element, and of those only the first 4096 (flat indices 0, 3, ...,
+  12285). ``rows`` is 2100 rows of 6: its features are read from 682 of its rows (4092
+  elements, :func:`_sampled_rows`).
   """
   rng = np.random.default_rng(seed)
   tree = {"k": rng.normal(size=(2, 2, 3)), "big": 0.1 * rng.normal(size=(3, 4100)),
-          "empty": np.zeros((0, 3))}
+          "rows": 0.1 * rng.normal(size=(2100, 6)), "empty": np.zeros((0, 3))}
   return {**_tiny_tree(seed, scale),
           **{key: jnp.asarray(scale * x, jnp.float32) for key, x in tree.items()}}
 
@@ -220,7 +239,13 @@ def test_matches_numpy_reference_from_a_late_state():
   _assert_close(new_state.nu, ref_state[2], rtol=1e-6)
 
 
-def test_features_read_only_the_evenly_spaced_sample():
+@pytest.mark.parametrize("leaf,shape,unsampled,sampled", [
+    ("big", (3, 4100), (1, 3 * 4096), 3),  # off the stride; on it, past the first 4096
+    ("rows", (2100, 6),  # in two unsampled rows, and in a sampled one
+     tuple(int(r) * 6 + 2 for r in np.setdiff1d(np.arange(2100), _sampled_rows(2100, 6))[:2]),
+     int(_sampled_rows(2100, 6)[1]) * 6 + 1),
+])
+def test_features_read_only_the_sample(leaf, shape, unsampled, sampled):
   """Elements outside the sample change no step size: only their own update changes."""
   lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,), time_scales=(10.0, 100.0))
   meta_params = _random_meta_params(lopt, seed=3)
@@ -229,20 +254,41 @@ def test_features_read_only_the_evenly_spaced_sample():
   step = lambda g, p: update(meta_params, g, init(meta_params, p), p)[0]
   base = step(grads, params)
   set_big = lambda tree, index, value: {
-      **tree, "big": tree["big"].reshape(-1).at[index].set(value).reshape(3, 4100)}
+      **tree, leaf: tree[leaf].reshape(-1).at[index].set(value).reshape(shape)}
 
-  for unsampled in (1, 3 * 4096):  # off the stride, and on it but past the first 4096
-    chex.assert_trees_all_equal(step(grads, set_big(params, unsampled, 100.0)), base)
+  for index in unsampled:
+    chex.assert_trees_all_equal(step(grads, set_big(params, index, 100.0)), base)
     # The first step is sign descent: a gradient of the opposite sign moves this element.
-    flipped = -100.0 * np.sign(np.asarray(grads["big"]).reshape(-1)[unsampled])
-    moved = step(set_big(grads, unsampled, flipped), params)
-    changed = np.flatnonzero(np.asarray(moved["big"] != base["big"]).reshape(-1))
-    assert changed.tolist() == [unsampled]
-    chex.assert_trees_all_equal({k: v for k, v in moved.items() if k != "big"},
-                                {k: v for k, v in base.items() if k != "big"})
-  sampled = step(grads, set_big(params, 3, 100.0))  # the parameter scale feature moves
-  assert not np.allclose(sampled["big"], base["big"], rtol=1e-3)
-  chex.assert_trees_all_equal(sampled["w"], base["w"])  # other tensors keep their steps
+    flipped = -100.0 * np.sign(np.asarray(grads[leaf]).reshape(-1)[index])
+    moved = step(set_big(grads, index, flipped), params)
+    changed = np.flatnonzero(np.asarray(moved[leaf] != base[leaf]).reshape(-1))
+    assert changed.tolist() == [index]
+    chex.assert_trees_all_equal({k: v for k, v in moved.items() if k != leaf},
+                                {k: v for k, v in base.items() if k != leaf})
+  moved = step(grads, set_big(params, sampled, 100.0))  # the parameter scale feature moves
+  assert not np.allclose(moved[leaf], base[leaf], rtol=1e-3)
+  chex.assert_trees_all_equal(moved["w"], base["w"])  # other tensors keep their steps
+
+
+def test_step_sizes_read_the_incoming_state():
+  """This step's gradient of one element moves only that element's update: the step sizes
+  come from the accumulators the step receives, not from the ones it leaves."""
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(8,), time_scales=(10.0, 100.0))
+  meta_params = _random_meta_params(lopt, seed=3)
+  init, update = _jitted(lopt)
+  params, grads = _reference_tree(4), _reference_tree(5)
+  _, state = update(meta_params, grads, init(meta_params, params), params)
+  base, next_state = update(meta_params, grads, state, params)
+  changed_grads = {**grads, "w": grads["w"].at[0, 0].multiply(30.0)}
+  moved, changed_state = update(meta_params, changed_grads, state, params)
+  changed = np.flatnonzero(np.asarray(moved["w"] != base["w"]).reshape(-1))
+  assert changed.tolist() == [0]
+  chex.assert_trees_all_equal({k: v for k, v in moved.items() if k != "w"},
+                              {k: v for k, v in base.items() if k != "w"})
+  # The next step reads the accumulators this one left: every element of ``w`` moves.
+  later = update(meta_params, grads, next_state, params)[0]["w"]
+  changed_later = update(meta_params, grads, changed_state, params)[0]["w"]
+  assert np.all(np.asarray(later != changed_later))
 
 
 def test_descent_weights_are_a_width_scaled_qh_adam(descent_optimizer):

@@ -279,16 +279,19 @@ def run_cached(out_dir: pathlib.Path, model: SuiteModel, label: str,
 
 
 def optimizer_fingerprint(lopt: optax_learned.LearnedOptimizer, meta_params: Any) -> str:
-  """A short hash of a learned optimizer's config and weights.
+  """A short hash of a learned optimizer's config, weights and update rule.
 
   Args:
     lopt: the optimizer's config, as :func:`optax_learned.load_weights` returns it.
     meta_params: its weights.
 
   Returns:
-    16 hex digits that change when the config or any weight does.
+    16 hex digits that change when the config, any weight, or the package version does
+    (the version changes whenever the update rule does: the same weights then make another
+    optimizer).
   """
   digest = hashlib.sha256(json.dumps(lopt.to_dict(), sort_keys=True).encode())
+  digest.update(optax_learned.__version__.encode())
   for leaf in jax.tree.leaves(meta_params):
     digest.update(np.asarray(leaf).tobytes())
   return digest.hexdigest()[:16]

@@ -32,7 +32,10 @@ tuned Adam (constant learning rate, tuned per horizon).
 
 ``--merge DIR`` adds the models of an earlier suite output (another session's or machine's)
 that this run did not run, so that a suite split across runs is reported as one; see
-:func:`merge_results`.
+:func:`merge_results`. ``--adam-from DIR`` reads tuned Adam's side of every model from an
+earlier output with the same protocol (:func:`stored_adam_side`) instead of running Adam's
+grid again: for a changed learned optimizer on the same kind of machine, a third of the
+suite's compute; ``results.json`` records it as ``adam_from``.
 """
 
 import argparse
@@ -52,7 +55,8 @@ from metatrain._json_io import atomic_write, jsonable
 from metatrain.generality import protocol
 from metatrain.generality.models import SUITE, SuiteModel
 
-__all__ = ("late_rise", "main", "merge_results", "read_results", "run_model", "summarize")
+__all__ = ("adam_side", "late_rise", "main", "merge_results", "read_results", "run_model",
+           "stored_adam_side", "summarize")
 
 RESULTS_FILE = "results.json"
 CURVES_FILE = "curves.json"
@@ -103,27 +107,34 @@ def _lr_label(lr: float) -> str:
 
 def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.ProtocolConfig,
               learned: dict[str, Learned], data_dir: str | None,
-              log=print, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
+              log=print, fingerprints: dict[str, str] | None = None,
+              adam_from: dict[str, Any] | None = None) -> dict[str, Any]:
   """Every run one model needs (cached), then its summary.
 
   ``learned`` maps labels to transformations, or to functions of the horizon that return
   one (such as ``lambda h: optax_learned.load("cifar", num_steps=h)``); those are run once
   per horizon, for that many steps, and cached as ``<label>@<horizon>``. ``fingerprints``
-  (by label, see :func:`~metatrain.generality.protocol.checkpoint_fingerprint`) keep a
-  changed optimizer from reusing the cached runs of its label.
+  (by label, see :func:`~metatrain.generality.protocol.optimizer_fingerprint`) keep a
+  changed optimizer from reusing the cached runs of its label. ``adam_from``, a summary of
+  this model from an earlier suite output under the same protocol, supplies tuned Adam's
+  side (:func:`stored_adam_side`) instead of running Adam's grid.
   """
   seeds = [protocol.FIRST_SEED + i for i in range(config.seeds)]
   fingerprints = fingerprints or {}
   run = lambda label, tx, seed, config=config, cache_as=None: protocol.run_cached(
       out_dir, model, cache_as or label, tx, seed, config, data_dir, fingerprints.get(label))
-  grid = {}
-  for lr in config.adam_learning_rates:
-    grid[lr] = run(_lr_label(lr), optax.adam(lr), seeds[0])
-    log(f"  {model.name} adam {lr:.0e} seed {seeds[0]}: final "
-        f"{_final(smoothed(grid[lr]['train_losses'], config.smoothing), config.steps):.4f}")
-  winners = _winners(grid, config)
-  adam_runs = {lr: [grid[lr]] + [run(_lr_label(lr), optax.adam(lr), s) for s in seeds[1:]]
-               for lr in sorted(set(winners.values()))}
+  if adam_from is None:
+    grid = {}
+    for lr in config.adam_learning_rates:
+      grid[lr] = run(_lr_label(lr), optax.adam(lr), seeds[0])
+      log(f"  {model.name} adam {lr:.0e} seed {seeds[0]}: final "
+          f"{_final(smoothed(grid[lr]['train_losses'], config.smoothing), config.steps):.4f}")
+    winners = _winners(grid, config)
+    adam_runs = {lr: [grid[lr]] + [run(_lr_label(lr), optax.adam(lr), s) for s in seeds[1:]]
+                 for lr in sorted(set(winners.values()))}
+    adam = adam_side(grid, winners, adam_runs, config)
+  else:
+    adam = stored_adam_side(adam_from)
   learned_runs, timed = {}, {}
   for label, tx in learned.items():
     if isinstance(tx, optax.GradientTransformation):
@@ -142,7 +153,7 @@ def run_model(model: SuiteModel, out_dir: pathlib.Path, config: protocol.Protoco
   if learned:
     costs = protocol.step_cost_ratio(
         model, {"adam": optax.adam(1e-3), **timed}, config.timing_reps, data_dir)
-  return summarize(model, config, grid, winners, adam_runs, learned_runs, costs)
+  return summarize(model, config, adam, learned_runs, costs)
 
 
 def _winners(grid: dict[float, dict], config: protocol.ProtocolConfig) -> dict[str, float]:
@@ -159,55 +170,108 @@ def _winners(grid: dict[float, dict], config: protocol.ProtocolConfig) -> dict[s
   return winners
 
 
-def summarize(model: SuiteModel, config: protocol.ProtocolConfig, grid, winners, adam_runs,
+def adam_side(grid: dict[float, dict], winners: dict[str, float],
+              adam_runs: dict[float, list[dict]], config: protocol.ProtocolConfig
+              ) -> dict[str, Any]:
+  """Tuned Adam's side of a model's comparison, from its runs.
+
+  Args:
+    grid: the first seed's run of each learning rate.
+    winners: :func:`_winners` of the grid.
+    adam_runs: every seed's runs of each winning learning rate.
+    config: the protocol.
+
+  Returns:
+    ``{"grid_final_train": {lr: loss}, "horizons": {str(h): {"train_lr", "valid_lr",
+    "final_train", "final_valid", "late_rise"}}, "curves": {str(h): curve}}``; the final
+    training loss is of the seeds' mean smoothed curve, the curve every 10th step of it.
+  """
+  window = config.smoothing
+  mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
+  horizons = {}
+  for horizon in config.horizons:
+    train_runs = adam_runs[winners[f"train_{horizon}"]]
+    valid_runs = adam_runs[winners[f"valid_{horizon}"]]
+    horizons[str(horizon)] = {
+        "train_lr": winners[f"train_{horizon}"], "valid_lr": winners[f"valid_{horizon}"],
+        "final_train": _final(mean_curve(train_runs), horizon),
+        "final_valid": float(np.mean([r["valid_losses"].get(str(horizon), math.nan)
+                                      for r in valid_runs])),
+        "late_rise": max(late_rise(r, horizon) for r in train_runs)}
+  return {"grid_final_train": {f"{lr:.0e}": _final(smoothed(r["train_losses"], window),
+                                                   config.steps)
+                               for lr, r in grid.items()},
+          "horizons": horizons,
+          "curves": {str(h): mean_curve(adam_runs[winners[f"train_{h}"]]).tolist()[::10]
+                     for h in config.horizons}}
+
+
+def stored_adam_side(summary: dict[str, Any]) -> dict[str, Any]:
+  """:func:`adam_side` as an earlier summary of the model (:func:`summarize`) recorded it.
+
+  Its curves are there only if the summary has ``curves`` (see :func:`read_results`).
+
+  Raises:
+    ValueError: the summary compares no learned optimizer (it records Adam's side only
+      per learned optimizer).
+  """
+  if not summary.get("optimizers"):
+    raise ValueError(f"the stored summary of {summary['model']} compares no learned "
+                     "optimizer, so it records no tuned Adam to compare against")
+  horizons = next(iter(summary["optimizers"].values()))["horizons"]
+  return {"grid_final_train": summary["adam_grid_final_train"],
+          "horizons": {h: {"train_lr": r["adam_train_lr"], "valid_lr": r["adam_valid_lr"],
+                           "final_train": r["adam_final_train"],
+                           "final_valid": r["adam_final_valid"],
+                           "late_rise": r["adam_late_rise"]} for h, r in horizons.items()},
+          "curves": summary.get("curves", {}).get("adam")}
+
+
+def summarize(model: SuiteModel, config: protocol.ProtocolConfig, adam: dict[str, Any],
               learned_runs, costs) -> dict[str, Any]:
   """The per-horizon comparison of one model (see the module docstring).
 
-  ``learned_runs[label][str(horizon)]`` are the learned optimizer's runs for a horizon.
+  ``adam`` is tuned Adam's side (:func:`adam_side`); ``learned_runs[label][str(horizon)]``
+  are the learned optimizer's runs for a horizon.
   """
   window = config.smoothing
   mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
   result = {"model": model.name, "description": model.description,
             "in_domain": model.in_domain, "batch_size": model.batch_size,
-            "adam_grid_final_train": {f"{lr:.0e}": _final(smoothed(r["train_losses"], window),
-                                                          config.steps)
-                                      for lr, r in grid.items()},
+            "adam_grid_final_train": adam["grid_final_train"],
             "horizons": {}, "optimizers": {}}
   for label, runs_at in learned_runs.items():
     per_horizon = {}
     for horizon in config.horizons:
       runs = runs_at[str(horizon)]
-      adam_train = adam_runs[winners[f"train_{horizon}"]]
-      adam_valid = adam_runs[winners[f"valid_{horizon}"]]
-      target = _final(mean_curve(adam_train), horizon)
+      tuned = adam["horizons"][str(horizon)]
+      target = tuned["final_train"]
       curve = mean_curve(runs)[:horizon]
       reached = np.nonzero(curve <= target)[0]
       steps = int(reached[0]) + 1 if reached.size else None
       valid = [r["valid_losses"].get(str(horizon), math.nan) for r in runs]
-      adam_valid_losses = [r["valid_losses"].get(str(horizon), math.nan) for r in adam_valid]
       cost = costs.get(label, math.nan)
       per_horizon[str(horizon)] = {
-          "adam_train_lr": winners[f"train_{horizon}"],
-          "adam_valid_lr": winners[f"valid_{horizon}"],
+          "adam_train_lr": tuned["train_lr"],
+          "adam_valid_lr": tuned["valid_lr"],
           "adam_final_train": target,
           "final_train": _final(curve, horizon),
           "steps_to_adam_train": steps,
           "steps_fraction": None if steps is None else steps / horizon,
           "wall_clock_fraction": None if steps is None else steps / horizon * cost,
           "final_valid": float(np.mean(valid)),
-          "adam_final_valid": float(np.mean(adam_valid_losses)),
-          "valid_ratio": float(np.mean(valid) / np.mean(adam_valid_losses)),
+          "adam_final_valid": tuned["final_valid"],
+          "valid_ratio": float(np.mean(valid) / tuned["final_valid"]),
           "diverged": any(r["diverged"] for r in runs),
           "late_rise": max(late_rise(r, horizon) for r in runs),
-          "adam_late_rise": max(late_rise(r, horizon) for r in adam_train),
+          "adam_late_rise": tuned["late_rise"],
           "minibatch_late_rise": max(_minibatch_late_rise(r, horizon, window)
                                      for r in runs),
       }
     result["optimizers"][label] = {"step_cost_ratio": costs.get(label), "horizons": per_horizon}
   result["adam_step_ms"] = costs.get("adam_ms")
   result["curves"] = {
-      "adam": {h: mean_curve(adam_runs[winners[f"train_{h}"]]).tolist()[::10]
-               for h in map(str, config.horizons)},
+      **({"adam": adam["curves"]} if adam["curves"] is not None else {}),
       **{label: mean_curve(runs_at[str(max(config.horizons))]).tolist()[::10]
          for label, runs_at in learned_runs.items()}}
   return result
@@ -248,9 +312,9 @@ def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) ->
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
   for ax, summary in zip(axes.flat, summaries, strict=False):
     curves = summary["curves"]
-    longest = max(curves["adam"], key=int)
-    for label, curve in [("tuned Adam", curves["adam"][longest])] + [
-        (k, v) for k, v in curves.items() if k != "adam"]:
+    adam = ([("tuned Adam", curves["adam"][max(curves["adam"], key=int)])]
+            if "adam" in curves else [])
+    for label, curve in adam + [(k, v) for k, v in curves.items() if k != "adam"]:
       ax.plot(np.arange(len(curve)) * 10 + 1, curve, label=label)
     ax.set_title(summary["model"], fontsize=9)
     ax.set_xlabel("step")
@@ -265,14 +329,14 @@ def plot(summaries: list[dict[str, Any]], path: pathlib.Path, smoothing: int) ->
 
 def _write_json(out_dir: pathlib.Path, config: protocol.ProtocolConfig,
                 summaries: list[dict[str, Any]], fingerprints: dict[str, str],
-                merged_from: list[str]) -> None:
+                merged_from: list[str], adam_from: str | None = None) -> None:
   """Writes ``results.json`` (the summaries without their curves) and ``curves.json``."""
   curves = {"models": {s["model"]: s["curves"] for s in summaries if "curves" in s}}
   atomic_write(out_dir / CURVES_FILE, json.dumps(jsonable(curves)))
   models = [{k: v for k, v in s.items() if k != "curves"} for s in summaries]
   atomic_write(out_dir / RESULTS_FILE, json.dumps(jsonable(
       {"protocol": config.__dict__, "fingerprints": fingerprints, "merged_from": merged_from,
-       "models": models, "curves_file": CURVES_FILE}), indent=1))
+       "adam_from": adam_from, "models": models, "curves_file": CURVES_FILE}), indent=1))
 
 
 def read_results(out_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -375,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="an earlier suite output directory: its models that this run does "
                            "not run join the results (same protocol and optimizers); "
                            "repeatable")
+  parser.add_argument("--adam-from", default=None, metavar="DIR",
+                      help="an earlier suite output with the same protocol, on this kind of "
+                           "machine: tuned Adam's side of each model is read from it instead "
+                           "of run (Adam does not depend on the learned optimizer)")
   args = parser.parse_args(argv)
 
   config = protocol.ProtocolConfig(steps=args.steps, seeds=args.seeds,
@@ -397,19 +465,28 @@ def main(argv: list[str] | None = None) -> int:
               meta_params, learning_rate=args.learning_rate, num_steps=horizon))
       fingerprints[f"{label}+num_steps"] = fingerprints[label]
   # Checked before any run: a merge that cannot happen fails now, not hours later.
-  earlier = [merge_results([], config, fingerprints, other_dir,
-                           warn=lambda line: print(f"warning: {line}", file=sys.stderr))
+  warn = lambda line: print(f"warning: {line}", file=sys.stderr)
+  earlier = [merge_results([], config, fingerprints, other_dir, warn=warn)
              for other_dir in args.merge]
+  models = protocol.suite_models(args.models)
+  stored_adam = {}
+  if args.adam_from:
+    stored_adam = {m["model"]: m for m in merge_results([], config, {}, args.adam_from)}
+    missing = [m.name for m in models if m.name not in stored_adam]
+    if missing:
+      raise ValueError(f"{args.adam_from} has no summary of {missing}: no tuned Adam to "
+                       "read for them")
   out_dir = pathlib.Path(args.out)
   summaries = []
-  for model in protocol.suite_models(args.models):
+  for model in models:
     print(f"{model.name}: {model.description}", flush=True)
     summaries.append(run_model(model, out_dir, config, learned, args.data_dir,
                                log=lambda line: print(line, flush=True),
-                               fingerprints=fingerprints))
+                               fingerprints=fingerprints,
+                               adam_from=stored_adam.get(model.name)))
   for models in earlier:
     summaries = _combined(summaries, models)
-  _write_json(out_dir, config, summaries, fingerprints, args.merge)
+  _write_json(out_dir, config, summaries, fingerprints, args.merge, args.adam_from)
   tables = "\n\n".join(f"## {label}\n\n{markdown_table(summaries, label)}" for label in learned)
   atomic_write(out_dir / "results.md", tables + "\n")
   if learned:

@@ -6,7 +6,9 @@ large a step each tensor takes, how that changes over training, and how much of 
 gradient to mix into the momentum. A small per-tensor MLP, called once per tensor and step,
 reads scale-free features of the tensor (its shape, its parameter scale relative to the
 usual fan-in initialisation, the signal-to-noise ratio of its gradients) and of training time,
-and outputs the tensor's step size and mixing weight. The per-element rule is Adam's
+and outputs the tensor's step size and mixing weight. The features read the state the step
+receives (the accumulators before this step's gradient), so the network does not wait on the
+gradient, and each element's accumulation and update are one pass. The per-element rule is Adam's
 direction with those per-tensor coefficients::
 
   u = -learning_rate * s_T * ((1 - q_T) * mu_hat + q_T * g) / (sqrt(nu_hat) + eps)
@@ -43,6 +45,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_learned._src import errors, tree_checks
@@ -58,7 +61,7 @@ _MAX_GRADIENT_MAGNITUDE = 1e18
 _TINY = 1e-30
 # Features the per-tensor network reads besides the training-time features.
 TENSOR_FEATURES = ("log_fan_in", "log_fan_out", "is_vector", "log_relative_scale", "log_snr")
-# Elements of a tensor its statistical features are measured on (evenly spaced).
+# Elements of a tensor its statistical features are measured on (see _feature_sample).
 FEATURE_SAMPLE_SIZE = 4096
 # Network outputs, in order.
 OUTPUTS = ("log_step_correction", "gradient_mix")
@@ -288,36 +291,34 @@ class LearnedOptimizer:
     grads, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
     mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    # The per-tensor coefficients come from the state as this step receives it (the
+    # accumulators before this gradient, the parameters before this update), so that no
+    # reduction over this step's gradient stands between it and the element update: each
+    # leaf's accumulation and step then fuse into one pass, and the per-tensor network runs
+    # on inputs of the step. At the first update the accumulators are zero and the
+    # gradient-statistics features take the same value (0) as they would after it.
+    step_sizes = mixes = None
+    if grads:
+      features = self._tensor_features(param_leaves, mus, nus, state.count)
+      step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
+                                                   [jnp.shape(p) for p in param_leaves])
+      step_sizes = step_sizes * jnp.asarray(learning_rate(state.count), jnp.float32)
     count = state.count + 1
     t = count.astype(jnp.float32)
     mu_correction = 1.0 / (1.0 - self.beta1 ** t)
     nu_correction = 1.0 / (1.0 - self.beta2 ** t)
-    # The accumulators first, leaf by leaf; the features then read samples of the *updated*
-    # accumulators. Reading the old ones instead (the same numbers) made XLA copy every
-    # donated ``mu`` and ``nu`` buffer in a training step (a third of the step of a wide MLP).
-    accumulated, oks = [], []
-    for g, m, v in zip(grads, mus, nus, strict=True):
+    new_updates, new_mus, new_nus = [], [], []
+    for i, (g, m, v, p) in enumerate(zip(grads, mus, nus, param_leaves, strict=True)):
       g = jnp.asarray(g).astype(jnp.float32)
+      m, v = _after(m, step_sizes[i]), _after(v, step_sizes[i])
       ok = jnp.isfinite(g) if self.skip_nonfinite else None
       if ok is not None:
         # Zeroed first, so a skipped element's arithmetic stays finite and contributes
         # zeros (rather than NaN) to derivatives w.r.t. the meta-parameters.
         g = jnp.where(ok, g, 0.0)
       g, new_m, new_v = self._accumulate(g, m, v)
-      if ok is not None:  # a skipped element keeps its accumulators
+      if ok is not None:  # a skipped element keeps its accumulators and takes no step
         new_m, new_v = jnp.where(ok, new_m, m), jnp.where(ok, new_v, v)
-      accumulated.append((g, new_m, new_v))
-      oks.append(ok)
-    new_updates, new_mus, new_nus = [], [], []
-    if grads:
-      features = jnp.stack([
-          self._tensor_features(p, new_m, new_v, mu_correction, nu_correction)
-          for (_, new_m, new_v), p in zip(accumulated, param_leaves, strict=True)])
-      step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
-                                                   [jnp.shape(p) for p in param_leaves])
-      step_sizes = step_sizes * jnp.asarray(learning_rate(state.count), jnp.float32)
-    for i, ((g, new_m, new_v), ok, p) in enumerate(zip(accumulated, oks, param_leaves,
-                                                       strict=True)):
       step = self._element_step(g, new_m, new_v, step_sizes[i], mixes[i], mu_correction,
                                 nu_correction)
       if ok is not None:
@@ -377,41 +378,60 @@ class LearnedOptimizer:
     v = self.beta2 * v + (1.0 - self.beta2) * jnp.square(g)
     return g, m, v
 
-  def _tensor_features(self, p: jax.Array, m: jax.Array, v: jax.Array,
-                       mu_correction: jax.Array, nu_correction: jax.Array) -> jax.Array:
-    """The scale-free features of one tensor (see :data:`TENSOR_FEATURES`).
+  def _tensor_features(self, params: list[jax.Array], mus: list[jax.Array],
+                       nus: list[jax.Array], count: jax.Array) -> jax.Array:
+    """The scale-free features of every tensor (see :data:`TENSOR_FEATURES`).
 
     ``log_relative_scale`` is the parameter RMS against ``1 / sqrt(fan_in)`` (the scale of
     the usual initialisation); ``log_snr`` is ``log(mean(mu_hat**2) / mean(nu_hat))``, near
     0 when gradients agree from step to step and strongly negative when noise dominates.
-    Both are measured on at most :data:`FEATURE_SAMPLE_SIZE` evenly spaced elements, so
-    their cost does not grow with the tensor (a full pass over ``mu`` and ``nu`` alone cost
-    about 20% of a training step of a wide MLP).
+    Both are measured on at most :data:`FEATURE_SAMPLE_SIZE` elements of each tensor
+    (:func:`_feature_sample`), so their cost does not grow with the tensor (a full pass over
+    ``mu`` and ``nu`` alone cost about 20% of a training step of a wide MLP). The samples of
+    all tensors are zero-padded to one length and reduced together: on CPU a reduction per
+    tensor and statistic cost more in kernel launches than the arithmetic.
 
     Args:
-      p: the parameter.
-      m: the first accumulator, updated with this step's gradient.
-      v: the second accumulator, updated with this step's gradient.
-      mu_correction: the bias correction of ``m``.
-      nu_correction: the bias correction of ``v``.
+      params: the parameter leaves.
+      mus: their first accumulators.
+      nus: their second accumulators.
+      count: the number of updates the accumulators have seen (0: none yet).
+
+    Returns:
+      ``[len(params), len(TENSOR_FEATURES)]`` float32 features.
     """
-    shape = jnp.shape(p)
-    fan_in = _fan_in(shape)
-    fan_out = shape[-1] if len(shape) >= 2 else 1
-    static = jnp.asarray([math.log(fan_in) / 4.0, math.log(fan_out) / 4.0,
-                          float(len(shape) < 2)], jnp.float32)
-    if not math.prod(shape):
-      return jnp.concatenate([static, jnp.zeros([2], jnp.float32)])
-    p, m, v = (_evenly_spaced(x) for x in (jnp.asarray(p).astype(jnp.float32), m, v))
+    shapes = [jnp.shape(p) for p in params]
+    samples = [[_feature_sample(jnp.asarray(x).astype(jnp.float32)) for x in leaves]
+               for leaves in (params, mus, nus)]
+    sizes = [sample.shape[0] for sample in samples[0]]
+    static = jnp.asarray([[math.log(_fan_in(shape)) / 4.0,
+                           math.log(shape[-1] if len(shape) >= 2 else 1) / 4.0,
+                           float(len(shape) < 2)] for shape in shapes], jnp.float32)
+    length = max(sizes)
+    if not length:  # only empty tensors
+      return jnp.concatenate([static, jnp.zeros([len(shapes), 2], jnp.float32)], axis=1)
+
+    padded_p, padded_m, padded_v = (
+        jnp.stack([jnp.pad(x, (0, length - x.shape[0])) for x in leaves]) for leaves in samples)
     # Finite features even where a non-finite gradient was not skipped (skip_nonfinite off).
-    m, v = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (m, v))
-    relative_scale = jnp.log(jnp.mean(jnp.square(p)) * fan_in + _TINY) / 2.0
+    finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+    counts = jnp.maximum(jnp.asarray(sizes, jnp.float32), 1.0)
+    mean_square_p = jnp.sum(jnp.square(padded_p), axis=1) / counts
+    mean_square_m = jnp.sum(jnp.square(finite(padded_m)), axis=1) / counts
+    mean_v = jnp.sum(finite(padded_v), axis=1) / counts
+    t = jnp.maximum(count, 1).astype(jnp.float32)  # all accumulators are 0 at count 0
+    mu_correction = 1.0 / (1.0 - self.beta1 ** t)
+    nu_correction = 1.0 / (1.0 - self.beta2 ** t)
+    fan_in = jnp.asarray([_fan_in(shape) for shape in shapes], jnp.float32)
+    relative_scale = jnp.log(mean_square_p * fan_in + _TINY) / 2.0
     # A difference of logs: the log of a quotient underflows in its derivative when both
     # means are ~0 (a tensor whose gradients are all zero so far).
-    snr = (jnp.log(jnp.mean(jnp.square(m * mu_correction)) + _TINY)
-           - jnp.log(jnp.mean(v * nu_correction) + _TINY))
-    return jnp.concatenate([static, jnp.stack([jnp.clip(relative_scale, -10.0, 10.0) / 2.0,
-                                               jnp.clip(snr, -20.0, 0.0) / 4.0])])
+    snr = (jnp.log(mean_square_m * mu_correction ** 2 + _TINY)
+           - jnp.log(mean_v * nu_correction + _TINY))
+    statistics = jnp.stack([jnp.clip(relative_scale, -10.0, 10.0) / 2.0,
+                            jnp.clip(snr, -20.0, 0.0) / 4.0], axis=1)
+    nonempty = jnp.asarray(sizes)[:, None] > 0
+    return jnp.concatenate([static, jnp.where(nonempty, statistics, 0.0)], axis=1)
 
   def _element_step(self, g: jax.Array, m: jax.Array, v: jax.Array, step_size: jax.Array,
                     mix: jax.Array, mu_correction: jax.Array,
@@ -481,11 +501,33 @@ def _as_tuple(value: Any, name: str, kind: type) -> tuple:
   return tuple(kind(item) for item in items)
 
 
-def _evenly_spaced(x: jax.Array) -> jax.Array:
-  """At most :data:`FEATURE_SAMPLE_SIZE` evenly spaced elements of ``x``, flattened."""
+def _feature_sample(x: jax.Array) -> jax.Array:
+  """At most :data:`FEATURE_SAMPLE_SIZE` elements of ``x``, flattened.
+
+  A tensor of at most that many elements is read whole. A larger tensor of two or more
+  dimensions, read as ``[fan_in, fan_out]`` rows, with ``2 <= fan_out <= 2048``, is sampled
+  by ``FEATURE_SAMPLE_SIZE // fan_out`` whole rows (an input unit's weights to all outputs,
+  contiguous in memory) at fixed pseudo-random positions: the sorted
+  ``numpy.random.default_rng(fan_in).choice(fan_in, num_rows, replace=False)``, the same for
+  every tensor with as many rows. Evenly spaced single elements of a large tensor touch a
+  cache line each, nearly as much memory as a full pass, and evenly spaced rows can alias
+  with the layout of the inputs (every 192nd row of a flattened RGB image is one colour at
+  one image column). Anything else (vectors, rows longer than 2048) is sampled by evenly
+  spaced elements, every ``size // FEATURE_SAMPLE_SIZE``-th.
+  """
   flat = jnp.ravel(x)
-  stride = max(flat.shape[0] // FEATURE_SAMPLE_SIZE, 1)
-  return jax.lax.slice(flat, (0,), (flat.shape[0],), (stride,))[:FEATURE_SAMPLE_SIZE]
+  size = flat.shape[0]
+  if size <= FEATURE_SAMPLE_SIZE:
+    return flat
+  width = jnp.shape(x)[-1] if jnp.ndim(x) >= 2 else 1
+  if 1 < width <= FEATURE_SAMPLE_SIZE // 2:
+    rows = jnp.reshape(flat, (size // width, width))
+    num_rows = FEATURE_SAMPLE_SIZE // width
+    chosen = np.sort(np.random.default_rng(rows.shape[0]).choice(rows.shape[0], num_rows,
+                                                                   replace=False))
+    return jnp.ravel(jnp.take(rows, chosen, axis=0))
+  stride = size // FEATURE_SAMPLE_SIZE
+  return jax.lax.slice(flat, (0,), (size,), (stride,))[:FEATURE_SAMPLE_SIZE]
 
 
 def _fan_in(shape: tuple[int, ...]) -> int:
@@ -507,6 +549,17 @@ def _sample_meta_params(lopt: LearnedOptimizer, key: chex.PRNGKey) -> MetaParams
   meta_params["log_base_step"] = jnp.log(
       jnp.asarray([lopt.matrix_step, lopt.vector_step], jnp.float32))
   return meta_params
+
+
+def _after(x: jax.Array, dependency: jax.Array) -> jax.Array:
+  """``x`` unchanged, made to depend on the scalar ``dependency`` (adds an exact 0).
+
+  The features read the incoming accumulators, which the update then overwrites in place
+  (a training step donates them). Unless the overwrite depends on the features' result,
+  XLA cannot order the two and copies every accumulator first; ``lax.optimization_barrier``
+  does not help, because XLA:CPU removes barriers before it inserts copies.
+  """
+  return x + jnp.where(jnp.isfinite(dependency), 0.0 * dependency, 0.0)
 
 
 def _cast_like(step: jax.Array, p: Any) -> jax.Array:
