@@ -76,6 +76,11 @@ def smoothed(losses: np.ndarray, window: int) -> np.ndarray:
   return out
 
 
+def _mean_train_curve(window: int, runs: list[dict[str, Any]]) -> np.ndarray:
+  """The seeds' mean of their :func:`smoothed` minibatch training losses."""
+  return np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
+
+
 def _final(curve: np.ndarray, horizon: int) -> float:
   return float(curve[horizon - 1])
 
@@ -187,14 +192,13 @@ def adam_side(grid: dict[float, dict], winners: dict[str, float],
     training loss is of the seeds' mean smoothed curve, the curve every 10th step of it.
   """
   window = config.smoothing
-  mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
   horizons = {}
   for horizon in config.horizons:
     train_runs = adam_runs[winners[f"train_{horizon}"]]
     valid_runs = adam_runs[winners[f"valid_{horizon}"]]
     horizons[str(horizon)] = {
         "train_lr": winners[f"train_{horizon}"], "valid_lr": winners[f"valid_{horizon}"],
-        "final_train": _final(mean_curve(train_runs), horizon),
+        "final_train": _final(_mean_train_curve(window, train_runs), horizon),
         "final_valid": float(np.mean([r["valid_losses"].get(str(horizon), math.nan)
                                       for r in valid_runs])),
         "late_rise": max(late_rise(r, horizon) for r in train_runs)}
@@ -202,7 +206,8 @@ def adam_side(grid: dict[float, dict], winners: dict[str, float],
                                                    config.steps)
                                for lr, r in grid.items()},
           "horizons": horizons,
-          "curves": {str(h): mean_curve(adam_runs[winners[f"train_{h}"]]).tolist()[::10]
+          "curves": {str(h): _mean_train_curve(
+              window, adam_runs[winners[f"train_{h}"]]).tolist()[::10]
                      for h in config.horizons}}
 
 
@@ -235,7 +240,6 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, adam: dict[str
   are the learned optimizer's runs for a horizon.
   """
   window = config.smoothing
-  mean_curve = lambda runs: np.mean([smoothed(r["train_losses"], window) for r in runs], axis=0)
   result = {"model": model.name, "description": model.description,
             "in_domain": model.in_domain, "batch_size": model.batch_size,
             "adam_grid_final_train": adam["grid_final_train"],
@@ -246,7 +250,7 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, adam: dict[str
       runs = runs_at[str(horizon)]
       tuned = adam["horizons"][str(horizon)]
       target = tuned["final_train"]
-      curve = mean_curve(runs)[:horizon]
+      curve = _mean_train_curve(window, runs)[:horizon]
       reached = np.nonzero(curve <= target)[0]
       steps = int(reached[0]) + 1 if reached.size else None
       valid = [r["valid_losses"].get(str(horizon), math.nan) for r in runs]
@@ -272,7 +276,7 @@ def summarize(model: SuiteModel, config: protocol.ProtocolConfig, adam: dict[str
   result["adam_step_ms"] = costs.get("adam_ms")
   result["curves"] = {
       **({"adam": adam["curves"]} if adam["curves"] is not None else {}),
-      **{label: mean_curve(runs_at[str(max(config.horizons))]).tolist()[::10]
+      **{label: _mean_train_curve(window, runs_at[str(max(config.horizons))]).tolist()[::10]
          for label, runs_at in learned_runs.items()}}
   return result
 

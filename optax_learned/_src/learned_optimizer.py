@@ -304,9 +304,7 @@ class LearnedOptimizer:
                                                    [jnp.shape(p) for p in param_leaves])
       step_sizes = step_sizes * jnp.asarray(learning_rate(state.count), jnp.float32)
     count = state.count + 1
-    t = count.astype(jnp.float32)
-    mu_correction = 1.0 / (1.0 - self.beta1 ** t)
-    nu_correction = 1.0 / (1.0 - self.beta2 ** t)
+    mu_correction, nu_correction = self._bias_corrections(count)
     new_updates, new_mus, new_nus = [], [], []
     for i, (g, m, v, p) in enumerate(zip(grads, mus, nus, param_leaves, strict=True)):
       g = jnp.asarray(g).astype(jnp.float32)
@@ -419,9 +417,8 @@ class LearnedOptimizer:
     mean_square_p = jnp.sum(jnp.square(padded_p), axis=1) / counts
     mean_square_m = jnp.sum(jnp.square(finite(padded_m)), axis=1) / counts
     mean_v = jnp.sum(finite(padded_v), axis=1) / counts
-    t = jnp.maximum(count, 1).astype(jnp.float32)  # all accumulators are 0 at count 0
-    mu_correction = 1.0 / (1.0 - self.beta1 ** t)
-    nu_correction = 1.0 / (1.0 - self.beta2 ** t)
+    # The accumulators hold `count` gradients (none at count 0, where they are all 0).
+    mu_correction, nu_correction = self._bias_corrections(jnp.maximum(count, 1))
     fan_in = jnp.asarray([_fan_in(shape) for shape in shapes], jnp.float32)
     relative_scale = jnp.log(mean_square_p * fan_in + _TINY) / 2.0
     # A difference of logs: the log of a quotient underflows in its derivative when both
@@ -432,6 +429,12 @@ class LearnedOptimizer:
                             jnp.clip(snr, -20.0, 0.0) / 4.0], axis=1)
     nonempty = jnp.asarray(sizes)[:, None] > 0
     return jnp.concatenate([static, jnp.where(nonempty, statistics, 0.0)], axis=1)
+
+  def _bias_corrections(self, num_gradients: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Adam's bias corrections ``1 / (1 - beta ** n)`` of ``mu`` and ``nu`` after ``n >= 1``
+    accumulated gradients."""
+    n = num_gradients.astype(jnp.float32)
+    return 1.0 / (1.0 - self.beta1 ** n), 1.0 / (1.0 - self.beta2 ** n)
 
   def _element_step(self, g: jax.Array, m: jax.Array, v: jax.Array, step_size: jax.Array,
                     mix: jax.Array, mu_correction: jax.Array,
