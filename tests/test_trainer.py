@@ -289,18 +289,13 @@ def test_a_second_writer_fails_at_once_and_a_killed_runs_lock_does_not_block(tmp
 
 def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_says_it_resumes(tmp_path):
   workdir = tmp_path / "run"
-  # Far more steps than it can take before the signal: with 400, a busy machine let the run
-  # finish (exit 0) before this process read its third line.
-  process = _train_subprocess(workdir, 1_000_000)
-  try:
-    for line in process.stdout:
-      if line.startswith("step 3/"):
-        process.send_signal(signal.SIGINT)
-        break
-    rest = process.stdout.read()
-    assert process.wait(timeout=120) == 130
-  finally:
-    process.kill()
+  process = _train_subprocess(workdir, 400)
+  for line in process.stdout:
+    if line.startswith("step 3/"):
+      process.send_signal(signal.SIGINT)
+      break
+  rest = process.stdout.read()
+  assert process.wait(timeout=120) == 130
   errors = [line for line in rest.splitlines() if not line.startswith("step ")]
   assert len(errors) == 1 and "rerun the same command to resume" in errors[0], rest
   assert "Traceback" not in rest
