@@ -150,10 +150,18 @@ def test_diverging_inner_runs_are_reset_and_counted(tmp_path):
   assert float(state["counters"]["resets"]) >= 3 * particles
 
 
+# A shell without job control starts background commands with SIGINT ignored, and Python
+# then installs no KeyboardInterrupt handler: a test run in the background would otherwise
+# send Ctrl-C to a child that cannot receive it. The prelude restores what a terminal gives.
+_AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                     "signal.default_int_handler); sys.argv[0] = 'metatrain'; "
+                     "runpy.run_module('metatrain', run_name='__main__', alter_sys=True)")
+
+
 def _train_subprocess(workdir, steps, extra_env=None):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(extra_env or {})}
-  args = [sys.executable, "-m", "metatrain", "train", "--config", "quadratic", "--workdir",
-          str(workdir), "--steps", str(steps), "--progress", "lines",
+  args = [sys.executable, "-c", _AS_IN_A_TERMINAL, "train", "--config", "quadratic",
+          "--workdir", str(workdir), "--steps", str(steps), "--progress", "lines",
           "--set", "log_every=1", "--set", "checkpoint_every=2"]
   return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
@@ -289,7 +297,7 @@ def test_a_second_writer_fails_at_once_and_a_killed_runs_lock_does_not_block(tmp
 
 def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_says_it_resumes(tmp_path):
   workdir = tmp_path / "run"
-  process = _train_subprocess(workdir, 400)
+  process = _train_subprocess(workdir, 1_000_000)  # far more than it can finish
   for line in process.stdout:
     if line.startswith("step 3/"):
       process.send_signal(signal.SIGINT)
