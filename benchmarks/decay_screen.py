@@ -12,13 +12,16 @@ holdout), from seed 20000, which no evaluation uses. It prints one JSON line per
 variant: final training and validation loss and the lowest validation loss on the way.
 
 Variants are written ``c:tau:p[:q]`` (``q`` defaults to 1); ``1:1000:1`` is ``cifar``'s own
-decay. ``adam:LR`` trains Adam at a constant learning rate for comparison.
+decay. ``wd:K`` keeps the checkpoint's own step decay and sets its decoupled weight decay
+(``LearnedOptimizer.weight_decay``) to ``K``. ``adam:LR`` trains Adam at a constant learning
+rate for comparison.
 
 Usage::
 
   export OPTAX_LEARNED_DATA=/path/to/cifar10
   python -m benchmarks.decay_screen --models convnet_1000 --variants 1:1000:1,1.5:1000:2:2
   python -m benchmarks.decay_screen --models mlp_3000 --variants 1:1000:1,adam:1e-4 --seeds 3
+  python -m benchmarks.decay_screen --variants wd:0,wd:3e-4,wd:5e-4,wd:1e-3
 """
 
 import argparse
@@ -64,14 +67,17 @@ def variant_optimizer(variant: str, checkpoint: str) -> optax.GradientTransforma
   """The optimizer a variant string names (see the module docstring).
 
   Raises:
-    ValueError: a variant that is neither ``adam:LR`` nor ``c:tau:p[:q]``.
+    ValueError: a variant that is none of ``adam:LR``, ``wd:K`` and ``c:tau:p[:q]``.
   """
   if variant.startswith("adam:"):
     return optax.adam(float(variant.removeprefix("adam:")))
+  lopt, meta_params = optax_learned.load_weights(checkpoint)
+  if variant.startswith("wd:"):
+    weight_decay = float(variant.removeprefix("wd:"))
+    return dataclasses.replace(lopt, weight_decay=weight_decay).transform(meta_params)
   fields = variant.split(":")
   if len(fields) not in (3, 4):
-    raise ValueError(f"variant {variant!r} is neither adam:LR nor c:tau:p[:q]")
-  lopt, meta_params = optax_learned.load_weights(checkpoint)
+    raise ValueError(f"variant {variant!r} is none of adam:LR, wd:K and c:tau:p[:q]")
   undecayed = dataclasses.replace(lopt, anneal_steps=None)
   return undecayed.transform(meta_params, learning_rate=decay(*(float(x) for x in fields)))
 

@@ -94,7 +94,7 @@ def test_round_trip_is_bit_exact(saved):
   _assert_trees_bit_equal(meta_params, _meta_params())
   assert optax_learned.load_metadata(saved) == {"description": "a test optimizer", "steps": 3}
   config = json.loads((saved / "optimizer.json").read_text())
-  assert config["format_version"] == optax_learned.FORMAT_VERSION == 3
+  assert config["format_version"] == optax_learned.FORMAT_VERSION == 4
   assert config["package_version"] == optax_learned.__version__
 
 
@@ -321,25 +321,42 @@ def test_invalid_config(copy, edit, error, message):
     optax_learned.load(copy)
 
 
-def test_version_2_checkpoint_loads_without_the_decay_it_predates(copy):
-  """Format 2 has no ``anneal_steps``: it loads as it was trained, with no decay."""
+def test_version_2_checkpoint_loads_without_the_decays_it_predates(copy):
+  """Format 2 has no ``anneal_steps`` or ``weight_decay``: it loads as it was trained."""
   def as_version_2(config):
     config.update(format_version=2)
     config["optimizer"].pop("anneal_steps")
+    config["optimizer"].pop("weight_decay")
   _edit_config(copy, as_version_2)
   lopt, _ = _call(optax_learned.load_weights, copy)
-  assert lopt.anneal_steps is None
-  # Format 3 must name the field.
+  assert lopt.anneal_steps is None and lopt.weight_decay == 0.0
+  # Format 3 must name the field it has.
   _edit_config(copy, lambda c: c.update(format_version=3))
   missing = r"missing field\(s\) \['anneal_steps'\]"
   with pytest.raises(optax_learned.CheckpointConfigError, match=missing):
     _call(optax_learned.load_weights, copy)
 
 
+def test_version_3_checkpoint_loads_without_weight_decay(copy):
+  """Format 3 predates ``weight_decay``: it loads with none; format 4 must name it."""
+  _edit_config(copy, lambda c: c["optimizer"].update(anneal_steps=500.0, weight_decay=0.1))
+  assert _call(optax_learned.load_weights, copy)[0].weight_decay == 0.1
+  def as_version_3(config):
+    config.update(format_version=3)
+    config["optimizer"].pop("weight_decay")
+  _edit_config(copy, as_version_3)
+  lopt, _ = _call(optax_learned.load_weights, copy)
+  assert lopt.weight_decay == 0.0 and lopt.anneal_steps == 500.0
+  _edit_config(copy, lambda c: c.update(format_version=4))
+  with pytest.raises(optax_learned.CheckpointConfigError,
+                     match=r"missing field\(s\) \['weight_decay'\]"):
+    _call(optax_learned.load_weights, copy)
+
+
 def test_version_1_checkpoint_fails_naming_both_versions(copy):
   """Checkpoints of the per-element design (format 1, optax_learned 0.1) do not load."""
   _edit_config(copy, lambda c: c.update(format_version=1))
-  message = r"format version 1 .*reads format versions 2 to 3"
+  message = r"format version 1 .*reads format versions 2 to 4"
   with pytest.raises(optax_learned.CheckpointVersionError, match=message):
     _call(optax_learned.load_weights, copy)
   with pytest.raises(optax_learned.CheckpointVersionError, match=message):

@@ -503,6 +503,8 @@ TRIGGERS = {
     "config-anneal-steps-not-positive": lambda c: optax_learned.LearnedOptimizer(
         anneal_steps=0),
     "config-anneal-steps-type": lambda c: optax_learned.LearnedOptimizer(anneal_steps=True),
+    "config-weight-decay-negative": lambda c: optax_learned.LearnedOptimizer(
+        weight_decay=-1e-4),
     # update
     "update-missing-params": lambda c: _tiny_tx()[1].update(_params(),
                                                             _tiny_tx()[1].init(_params())),

@@ -64,7 +64,8 @@ def reference_step(lopt, meta_params, grads, params, state, learning_rate=1.0):
   time features feed the per-tensor MLP; its first output is a bounded log-step correction
   of the fan-in scaled base step, its second the logit of the gradient mix ``q`` (offset by
   the initial mix). Each element then takes Adam's bias-corrected step with that step size
-  and mix. ``state`` is ``(count, mu, nu)`` with dict trees; returns ``(updates, state)``.
+  and mix, and kernels (two or more dimensions) also decay by ``weight_decay`` times the
+  multiplier. ``state`` is ``(count, mu, nu)`` with dict trees; returns ``(updates, state)``.
   """
   count, mu, nu = state
   w = _np_tree(meta_params)
@@ -117,6 +118,8 @@ def reference_step(lopt, meta_params, grads, params, state, learning_rate=1.0):
     with np.errstate(invalid="ignore"):
       update = -step_size * (((1 - mix) * m * mu_correction + mix * g)
                              / (np.sqrt(v * nu_correction) + lopt.epsilon))
+    if len(shape) >= 2:  # decoupled weight decay of kernels, scaled like the steps
+      update = update - lopt.weight_decay * multiplier * p
     updates[key] = np.where(ok, update, 0.0)
   return updates, (count + 1, new_mu, new_nu)
 
@@ -190,13 +193,15 @@ def _state_as_np(state):
   return int(state.count), _np_tree(state.mu), _np_tree(state.nu)
 
 
-@pytest.mark.parametrize("activation, hidden_sizes, bound", [
-    ("relu", (6,), 3.0), ("tanh", (5, 4), 3.0), ("gelu", (3,), 3.0), ("relu", (), 0.5),
+@pytest.mark.parametrize("activation, hidden_sizes, bound, weight_decay", [
+    ("relu", (6,), 3.0, 0.0), ("tanh", (5, 4), 3.0, 0.0), ("gelu", (3,), 3.0, 0.0),
+    ("relu", (), 0.5, 0.0), ("relu", (6,), 3.0, 0.3),
 ])
-def test_matches_numpy_reference_for_two_steps(activation, hidden_sizes, bound):
+def test_matches_numpy_reference_for_two_steps(activation, hidden_sizes, bound, weight_decay):
   lopt = optax_learned.LearnedOptimizer(
       hidden_sizes=hidden_sizes, activation=activation, beta1=0.8, beta2=0.99,
-      time_scales=(1.0, 10.0, 100.0), max_log_correction=bound, initial_gradient_mix=0.2)
+      time_scales=(1.0, 10.0, 100.0), max_log_correction=bound, initial_gradient_mix=0.2,
+      weight_decay=weight_decay)
   meta_params = _random_meta_params(lopt)
   init, update = _jitted(lopt)
   params, grads_1, grads_2 = _reference_tree(0), _reference_tree(1), _reference_tree(2, 1e-3)
@@ -487,6 +492,38 @@ def test_anneal_steps_round_trips_through_to_dict_and_defaults_to_none():
   assert config["anneal_steps"] == 500.0
   assert optax_learned.LearnedOptimizer.from_dict(config).anneal_steps == 500.0
   assert optax_learned.LearnedOptimizer().anneal_steps is None
+
+
+def test_weight_decay_is_decoupled_on_kernels_and_scaled_like_the_steps():
+  """Kernels' updates subtract ``weight_decay * lr(t) * p``; vectors and scalars do not
+  decay, the accumulators do not see it, and a skipped (non-finite) element takes no step."""
+  lopt = optax_learned.LearnedOptimizer(hidden_sizes=(4,), output_init_scale=1.0,
+                                        anneal_steps=10)
+  decaying = dataclasses.replace(lopt, weight_decay=0.1)
+  meta_params = _random_meta_params(lopt)
+  params, grads = _reference_tree(0), _reference_tree(1)
+  grads["w"] = grads["w"].at[0, 1].set(jnp.nan)
+  state = lopt.transform(meta_params).init(params)
+  for count, rate in ((0, 1.0), (5, 0.5), (30, 2.0)):
+    at = state._replace(count=jnp.asarray(count, jnp.int32))
+    plain, plain_state = jax.jit(lopt.transform(meta_params, rate).update)(grads, at, params)
+    got, got_state = jax.jit(decaying.transform(meta_params, rate).update)(grads, at, params)
+    multiplier = rate / (1.0 + count / 10)
+    for key in params:
+      expected = plain[key]
+      if params[key].ndim >= 2:
+        expected = expected - 0.1 * multiplier * params[key]
+      if key == "w":
+        expected = expected.at[0, 1].set(0.0)
+        assert float(got[key][0, 1]) == 0.0
+      np.testing.assert_allclose(got[key], expected, rtol=1e-5, atol=1e-7, err_msg=key)
+    for key in ("b", "s"):
+      chex.assert_trees_all_equal(got[key], plain[key])
+    chex.assert_trees_all_equal(got_state, plain_state)
+  # Told the training length, the decay follows the cosine to zero with the steps.
+  late = jax.jit(decaying.transform(meta_params, num_steps=10).update)(
+      grads, state._replace(count=jnp.asarray(10, jnp.int32)), params)[0]
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(late))
 
 
 @pytest.mark.parametrize("num_steps, error", [
@@ -806,7 +843,8 @@ def test_meta_params_of_another_shape_are_refused():
     ({"initial_gradient_mix": 0.0}, ValueError), ({"initial_gradient_mix": 1.0}, ValueError),
     ({"output_init_scale": float("inf")}, TypeError),
     ({"epsilon": 0.0}, ValueError), ({"activation": "swish"}, ValueError),
-    ({"skip_nonfinite": 1}, TypeError),
+    ({"skip_nonfinite": 1}, TypeError), ({"weight_decay": -1e-4}, ValueError),
+    ({"weight_decay": "1e-4"}, TypeError), ({"weight_decay": float("nan")}, TypeError),
 ])
 def test_invalid_configuration_is_refused(kwargs, error):
   with pytest.raises(error, match=next(iter(kwargs))):

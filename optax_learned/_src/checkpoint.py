@@ -27,14 +27,15 @@ import optax
 from optax_learned._src import errors
 from optax_learned._src.learned_optimizer import LearnedOptimizer, MetaParams
 
-FORMAT_VERSION = 3
-"""The checkpoint layout this version writes. Version 3 adds the optimizer field
+FORMAT_VERSION = 4
+"""The checkpoint layout this version writes. Version 4 adds the optimizer field
+``weight_decay``; version 3 checkpoints predate it and load with none. Version 3 added
 ``anneal_steps``; version 2 checkpoints (the same hierarchical optimizer: per-tensor
-network, Adam-shaped state) predate it and load with no decay, as they were trained.
+network, Adam-shaped state) predate both and load with no decay, as they were trained.
 Version 1 (0.1) held the per-element MLP, which this version no longer implements, so
 version 1 checkpoints fail to load with a message naming version 1 and the versions read."""
 # Fields a format version predates, with the value that reproduces its behaviour.
-_ADDED_FIELDS = {3: {"anneal_steps": None}}
+_ADDED_FIELDS = {3: {"anneal_steps": None}, 4: {"weight_decay": 0.0}}
 CONFIG_FILE = "optimizer.json"
 WEIGHTS_DIR = "weights"
 _CONFIG_KEYS = {"format_version", "package_version", "optimizer", "metadata"}

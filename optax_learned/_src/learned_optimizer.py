@@ -11,9 +11,11 @@ receives (the accumulators before this step's gradient), so the network does not
 gradient, and each element's accumulation and update are one pass. The per-element rule is Adam's
 direction with those per-tensor coefficients::
 
-  u = -learning_rate * s_T * ((1 - q_T) * mu_hat + q_T * g) / (sqrt(nu_hat) + eps)
+  u = -learning_rate * (s_T * ((1 - q_T) * mu_hat + q_T * g) / (sqrt(nu_hat) + eps)
+                       + weight_decay * p)
 
-so its cost per element is close to Adam's, whatever the size of the model.
+(the decoupled weight decay of AdamW, on kernels and embeddings only), so its cost per
+element is close to Adam's, whatever the size of the model.
 
 Scale robustness is built in, not only learned. The step size is a learned base rate times
 ``1 / fan_in`` for matrices and kernels (the scaling that μP prescribes for Adam, and that
@@ -116,6 +118,13 @@ class LearnedOptimizer:
       sees the step count but not the horizon; meta-trained on horizons of a few thousand
       steps, it keeps too large a step past about a thousand. Meta-training applies it
       too (the bundled ``cifar`` was meta-trained without one; its 1000 was set after).
+    weight_decay: decoupled weight decay of tensors with two or more dimensions (kernels,
+      embeddings; not biases or normalisation scales): each such element's update also
+      subtracts ``weight_decay * lr(t) * p``, where ``lr(t)`` is the step multiplier
+      (the ``learning_rate`` of :meth:`transform` times the decay of :attr:`anneal_steps`
+      or of ``num_steps``), as ``optax.adamw`` multiplies its decay by its learning rate.
+      ``0`` (the default): no decay. Meta-training applies it too (``cifar``'s was set
+      after meta-training, on models outside meta-training and the generality suite).
     skip_nonfinite: if true, an element whose gradient is NaN or Inf gets a zero update
       and keeps its accumulators (a step whose gradients are all NaN leaves the parameters
       and the accumulators unchanged; the count still advances), and contributes zeros
@@ -142,6 +151,7 @@ class LearnedOptimizer:
   epsilon: float = 1e-8
   activation: str = "relu"
   anneal_steps: float | None = None
+  weight_decay: float = 0.0
   skip_nonfinite: bool = True
 
   def __post_init__(self):
@@ -149,7 +159,7 @@ class LearnedOptimizer:
     set_("hidden_sizes", _as_tuple(self.hidden_sizes, "hidden_sizes", int))
     set_("time_scales", _as_tuple(self.time_scales, "time_scales", float))
     for name in ("beta1", "beta2", "matrix_step", "vector_step", "max_log_correction",
-                 "initial_gradient_mix", "output_init_scale", "epsilon"):
+                 "initial_gradient_mix", "output_init_scale", "epsilon", "weight_decay"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
@@ -164,6 +174,8 @@ class LearnedOptimizer:
     for name in ("matrix_step", "vector_step", "max_log_correction", "epsilon"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.weight_decay < 0:
+      raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay}")
     if not 0.0 < self.initial_gradient_mix < 1.0:
       raise ValueError(
           f"initial_gradient_mix must lie in (0, 1), got {self.initial_gradient_mix}")
@@ -302,7 +314,9 @@ class LearnedOptimizer:
       features = self._tensor_features(param_leaves, mus, nus, state.count)
       step_sizes, mixes = self.tensor_coefficients(meta_params, features, state.count,
                                                    [jnp.shape(p) for p in param_leaves])
-      step_sizes = step_sizes * jnp.asarray(learning_rate(state.count), jnp.float32)
+      multiplier = jnp.asarray(learning_rate(state.count), jnp.float32)
+      step_sizes = step_sizes * multiplier
+      decay = self.weight_decay * multiplier
     count = state.count + 1
     mu_correction, nu_correction = self._bias_corrections(count)
     new_updates, new_mus, new_nus = [], [], []
@@ -319,6 +333,8 @@ class LearnedOptimizer:
         new_m, new_v = jnp.where(ok, new_m, m), jnp.where(ok, new_v, v)
       step = self._element_step(g, new_m, new_v, step_sizes[i], mixes[i], mu_correction,
                                 nu_correction)
+      if self.weight_decay and jnp.ndim(p) >= 2:
+        step = step - decay * jnp.asarray(p).astype(jnp.float32)
       if ok is not None:
         step = jnp.where(ok, step, 0.0)
       new_updates.append(_cast_like(step, p))
