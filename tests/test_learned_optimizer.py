@@ -504,10 +504,11 @@ def test_weight_decay_is_decoupled_on_kernels_and_scaled_like_the_steps():
   params, grads = _reference_tree(0), _reference_tree(1)
   grads["w"] = grads["w"].at[0, 1].set(jnp.nan)
   state = lopt.transform(meta_params).init(params)
+  plain_at, decaying_at = _jitted_with_rate(lopt), _jitted_with_rate(decaying)
   for count, rate in ((0, 1.0), (5, 0.5), (30, 2.0)):
     at = state._replace(count=jnp.asarray(count, jnp.int32))
-    plain, plain_state = jax.jit(lopt.transform(meta_params, rate).update)(grads, at, params)
-    got, got_state = jax.jit(decaying.transform(meta_params, rate).update)(grads, at, params)
+    plain, plain_state = plain_at(meta_params, rate, grads, at, params)
+    got, got_state = decaying_at(meta_params, rate, grads, at, params)
     multiplier = rate / (1.0 + count / 10)
     for key in params:
       expected = plain[key]
