@@ -23,7 +23,9 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -101,6 +103,36 @@ def workdir_lock(workdir: pathlib.Path):
       yield
     finally:
       fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block until the block has finished.
+
+  Orbax's ``CheckpointManager.save`` starts background threads before it registers the save
+  for ``wait_until_finished``; a ``KeyboardInterrupt`` raised between the two leaves a thread
+  writing while the interpreter shuts down. Deferring the signal around the call makes each
+  save all-or-nothing from the user's side. Off the main thread (where Python cannot install
+  signal handlers) the block runs unchanged.
+
+  Raises:
+    KeyboardInterrupt: on leaving the block, when SIGINT arrived inside it and the handler
+      that was installed before is Python's default one.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if received:
+      if callable(previous):
+        previous(signal.SIGINT, received[0])
+      elif previous == signal.SIG_DFL:
+        signal.raise_signal(signal.SIGINT)
 
 
 def run_tasks(config: RunConfig, data_dir: str | None = None) -> list[base.Task]:
@@ -342,7 +374,8 @@ class MetaTrainer:
             metrics_file.flush()
             bar.report(record)
           if done % self.config.checkpoint_every == 0 or done == total:
-            manager.save(done, args=ocp.args.StandardSave(state))
+            with sigint_deferred():
+              manager.save(done, args=ocp.args.StandardSave(state))
             if primary:
               plots.plot_metrics(metrics_path, self.workdir / "metrics.png")
       manager.wait_until_finished()

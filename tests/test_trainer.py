@@ -313,6 +313,26 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_says_it_resumes(tmp_path
   assert re.search(r"resuming from step \d+", output), output
 
 
+def test_a_ctrl_c_inside_a_checkpoint_save_lets_the_save_finish(tmp_path, monkeypatch):
+  """The race behind a flaky Ctrl-C: SIGINT arriving while Orbax starts its save threads."""
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+
+  def save_hit_by_ctrl_c(manager, step, *args, **kwargs):
+    signal.raise_signal(signal.SIGINT)  # the user presses Ctrl-C as the save begins
+    return real_save(manager, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_hit_by_ctrl_c)
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(trainer_lib.Interrupted, match="last checkpoint is step 4"):
+      trainer_lib.MetaTrainer(SHORT, tmp_path, progress=False).train()
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert signal.getsignal(signal.SIGINT) is previous
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+
+
 def test_two_processes_match_one_process_with_two_devices(tmp_path):
   """``--coordinator/--num-processes/--process-id`` over CPU collectives (gloo)."""
   base = [sys.executable, "-m", "metatrain", "train", "--config", "quadratic", "--steps", "4",
