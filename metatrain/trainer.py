@@ -106,7 +106,7 @@ def workdir_lock(workdir: pathlib.Path):
 
 
 @contextlib.contextmanager
-def sigint_deferred():
+def _sigint_deferred():
   """Holds a Ctrl-C (SIGINT) that arrives inside the block until the block has finished.
 
   Orbax's ``CheckpointManager.save`` starts background threads before it registers the save
@@ -374,7 +374,7 @@ class MetaTrainer:
             metrics_file.flush()
             bar.report(record)
           if done % self.config.checkpoint_every == 0 or done == total:
-            with sigint_deferred():
+            with _sigint_deferred():
               manager.save(done, args=ocp.args.StandardSave(state))
             if primary:
               plots.plot_metrics(metrics_path, self.workdir / "metrics.png")

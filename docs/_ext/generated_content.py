@@ -311,9 +311,13 @@ def bundled_markdown(dependencies: list[pathlib.Path] | None = None) -> str:
                 if {"min_horizon", "max_horizon"} <= set(truncation_section) else "?")
     card = root / name / "MODEL_CARD.md"
     hidden_sizes = code(str(tuple(lopt_config.get("hidden_sizes", ()))), in_table=True)
+    meta_steps = f"{summary.get('meta_steps', '?')} meta-steps"
+    parent = metadata.get("fine_tuned_from") or {}
+    if parent:  # the summary counts the fine-tune's meta-steps only
+      meta_steps = (f"{parent.get('meta_steps', '?')} meta-steps, then a fine-tune of "
+                    f"{meta_steps}")
     recipe = (f"{code(trained_on, in_table=True)} with {code(estimator, in_table=True)}, "
-              f"{summary.get('meta_steps', '?')} meta-steps, inner horizons {horizons}; "
-              f"MLP hidden sizes {hidden_sizes}")
+              f"{meta_steps}, inner horizons {horizons}; MLP hidden sizes {hidden_sizes}")
     rows.append([code(name, in_table=True), escape_markdown(description, in_table=True), recipe,
                  f"[{name}](#model-card-{name})" if card.is_file() else "none yet"])
     deps.append(card)
