@@ -218,8 +218,9 @@ def test_bundled_page_without_and_with_optimizers(monkeypatch, saved_checkpoint,
 def test_bundled_page_counts_a_fine_tunes_meta_steps_with_its_parents():
   row = next(line for line in generated_content.bundled_markdown().splitlines()
              if line.startswith("| `cifar` |"))
-  parent = optax_learned.load_metadata("cifar")["fine_tuned_from"]["meta_steps"]
-  assert f"{parent} meta-steps, then a fine-tune of 400 meta-steps" in row, row
+  metadata = optax_learned.load_metadata("cifar")
+  parent, own = metadata["fine_tuned_from"]["meta_steps"], metadata["summary"]["meta_steps"]
+  assert f"{parent} meta-steps, then a fine-tune of {own} meta-steps" in row, row
 
 
 def test_every_generated_marker_has_a_generator():
