@@ -17,6 +17,7 @@ Usage::
   python -m benchmarks.eval_cifar none --tasks cifar_conv_16       # baselines only
   python -m benchmarks.eval_cifar ckpt --steps 20 --seeds 1 --learning_rates 1e-3,1e-2  # smoke
   python -m benchmarks.eval_cifar cifar --num_steps   # the optimizer told the horizon
+  python -m benchmarks.eval_cifar cifar --learning_rate 0.5   # its step multiplier
 
 Outputs per task under ``--out_dir/<task>/``: ``results.json`` (summaries and final metrics),
 ``curves.json`` (the per-step curves), ``results.md``, ``loss_vs_step.png``,
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=None)
   parser.add_argument("--num_steps", action="store_true",
                       help="tell the learned optimizer the horizon (load(..., num_steps=steps))")
+  parser.add_argument("--learning_rate", type=float, default=1.0,
+                      help="the learned optimizer's step multiplier (load(..., learning_rate=))")
   parser.add_argument("--holdout_size", type=int, default=5000,
                       help="last training rows that meta-training never saw (the cifar recipe "
                            "holds out 5000); validation uses them. 0: validate on the "
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
   logging.getLogger("jax").setLevel(logging.WARNING)
 
+  if not args.learning_rate > 0:
+    parser.error(f"--learning_rate must be positive, got {args.learning_rate}")
   names = TASKS if args.tasks == "all" else tuple(args.tasks.split(","))
   unknown = sorted(set(names) - set(TASKS))
   if unknown:
@@ -98,13 +103,16 @@ def main(argv: list[str] | None = None) -> int:
       baselines=tuple(b for b in args.baselines.split(",") if b),
       learning_rates=args.learning_rates, timing_reps=args.timing_reps,
       use_cache=not args.no_cache)
+  load_kwargs = {"num_steps": args.steps} if args.num_steps else {}
+  if args.learning_rate != 1.0:
+    load_kwargs["learning_rate"] = args.learning_rate
   for name in names:
     out = pathlib.Path(args.out_dir) / name
     start = time.perf_counter()
     results = evaluation.evaluate(
         optimizer, name, out_dir=out, protocol=protocol, data_dir=args.data_dir,
         cache_dir=args.cache_dir, task_overrides=overrides,
-        load_kwargs={"num_steps": args.steps} if args.num_steps else None)
+        load_kwargs=load_kwargs)
     print(f"\n{name}: {time.perf_counter() - start:.0f} s, results in {out}\n")
     print(evaluation.markdown(results))
   return 0
